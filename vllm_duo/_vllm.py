@@ -1,0 +1,72 @@
+"""Every vLLM internal that vllm-duo touches, imported in one place.
+
+vLLM's internal APIs move between releases. Keeping the imports here means a
+vLLM upgrade breaks one module, loudly, instead of many quietly. Only the
+vLLM-facing modules (``backend``, ``companion``, ``model_plan``, ``patches``,
+``registration``) import from here; the algorithm modules never import vLLM.
+"""
+
+from __future__ import annotations
+
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.platforms import current_platform
+from vllm.platforms.cpu import CpuPlatform
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout, KVCacheSpec
+
+__all__ = [
+    "Attention",
+    "AttentionBackend",
+    "AttentionBackendEnum",
+    "AttentionCGSupport",
+    "AttentionImpl",
+    "AttentionLayerBase",
+    "AttentionMetadataBuilder",
+    "AttentionType",
+    "CPUAttentionBackend",
+    "CPUAttentionMetadata",
+    "CPUAttentionMetadataBuilder",
+    "CommonAttentionMetadata",
+    "CpuPlatform",
+    "FullAttentionSpec",
+    "KVCacheLayout",
+    "KVCacheSpec",
+    "MultipleOf",
+    "VllmConfig",
+    "current_platform",
+    "envs",
+    "extract_layer_index",
+    "get_current_vllm_config",
+    "get_forward_context",
+    "get_layers_from_vllm_config",
+    "get_tensor_model_parallel_rank",
+    "get_tensor_model_parallel_world_size",
+    "init_logger",
+    "ops",
+    "register_backend",
+]

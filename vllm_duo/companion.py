@@ -1,0 +1,120 @@
+"""One paged KV cache per KV head of a DUO attention layer.
+
+vLLM gives an attention layer one KV cache for all of its heads. DuoAttention
+needs different lifetimes per head (all tokens for retrieval heads, sink +
+window for streaming heads) and real patterns give every layer a different
+number of each, so each KV head gets its own one-head cache layer. All those
+pages have the same size, so vLLM's KV cache manager can put them in groups
+from one block pool without padding, and the scheduler counts exactly the
+heads that exist.
+
+The model's ``Attention`` layer keeps its weights and module; it is marked as
+sharing the KV cache of its first head cache (vLLM's cross-layer KV sharing),
+so it allocates nothing itself yet still receives attention metadata.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_duo._vllm import (
+    Attention,
+    AttentionLayerBase,
+    AttentionType,
+    FullAttentionSpec,
+    KVCacheSpec,
+    VllmConfig,
+    extract_layer_index,
+    get_current_vllm_config,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from vllm_duo.backend import DuoAttentionBackend, DuoAttentionImpl
+from vllm_duo.model_plan import plan_for
+
+STREAMING_CACHE_BOUNDED = False
+"""Whether streaming heads' caches free tokens outside sink + window (not yet)."""
+
+
+class DuoHeadCache(AttentionLayerBase):
+    """The KV cache of one KV head of a DUO layer (owns no weights)."""
+
+    def __init__(
+        self,
+        *,
+        layer_name: str,
+        parent: Attention,
+        local_kv_head: int,
+        global_kv_head: int,
+        retrieval: bool,
+    ) -> None:
+        self.layer_name = layer_name
+        self.local_kv_head = local_kv_head
+        self.global_kv_head = global_kv_head
+        self.retrieval = retrieval
+        # vLLM sizes per-group kernel scratch from a layer's query head count.
+        self.num_heads = parent.num_heads // parent.num_kv_heads
+        self.num_kv_heads = 1
+        self.head_size = parent.head_size
+        self.attn_type = AttentionType.DECODER
+        self.dtype = parent.kv_cache_torch_dtype
+        self.kv_cache = torch.tensor([])
+
+    def get_attn_backend(self) -> type[DuoAttentionBackend]:
+        return DuoAttentionBackend
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
+        return FullAttentionSpec(
+            block_size=vllm_config.cache_config.block_size,
+            num_kv_heads=1,
+            head_size=self.head_size,
+            dtype=self.dtype,
+        )
+
+    def __repr__(self) -> str:
+        kind = "retrieval" if self.retrieval else "streaming"
+        return f"DuoHeadCache({self.layer_name}, {kind})"
+
+
+def global_kv_head(local: int, num_local: int, num_total: int, rank: int, world: int) -> int:
+    """The model-wide index of a rank's local KV head under tensor parallelism.
+
+    With fewer KV heads than ranks vLLM replicates each head on several ranks.
+    """
+    if num_total >= world:
+        return rank * num_local + local
+    return rank * num_total // world
+
+
+def attach_head_caches(layer: Attention) -> None:
+    """Give a DUO ``Attention`` layer one :class:`DuoHeadCache` per local KV head."""
+    impl = layer.impl
+    assert isinstance(impl, DuoAttentionImpl)
+    vllm_config = get_current_vllm_config()
+    plan = plan_for(vllm_config)
+    layer_index = extract_layer_index(layer.layer_name)
+    rank = get_tensor_model_parallel_rank()
+    world = get_tensor_model_parallel_world_size()
+    total = plan.heads.num_kv_heads
+    forward_context = vllm_config.compilation_config.static_forward_context
+    impl.sink = plan.settings.sink
+    impl.recent = plan.settings.recent
+    impl.head_caches = []
+    for local in range(layer.num_kv_heads):
+        head = global_kv_head(local, layer.num_kv_heads, total, rank, world)
+        name = f"{layer.layer_name}.duo_kv{local}"
+        cache = DuoHeadCache(
+            layer_name=name,
+            parent=layer,
+            local_kv_head=local,
+            global_kv_head=head,
+            retrieval=plan.is_retrieval(layer_index, head),
+        )
+        if name in forward_context:
+            raise ValueError(f"Duplicate layer name: {name}")
+        forward_context[name] = cache
+        impl.head_caches.append(cache)
+    # The layer allocates nothing itself; sharing its first head's cache makes
+    # vLLM skip its KV spec and still hand it attention metadata each step.
+    layer.kv_sharing_target_layer_name = impl.head_caches[0].layer_name
+

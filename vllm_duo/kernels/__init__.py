@@ -1,0 +1,1 @@
+"""Attention kernels for streaming heads. Pure: nothing here imports vLLM."""

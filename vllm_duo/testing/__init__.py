@@ -1,0 +1,1 @@
+"""Test helpers for vllm_duo: tiny offline models and deterministic prompts."""
