@@ -15,7 +15,7 @@ from vllm_duo.errors import DuoConfigError
 from vllm_duo.patterns import HeadPlan, check_shape, load_gates, resolve_pattern, select_retrieval
 from vllm_duo.settings import DuoSettings
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import os
 from vllm_duo._vllm import AttentionBackendEnum, envs, init_logger, register_backend
 from vllm_duo.settings import ENV_VARS
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)
 
 DUO_CLASS_PATH = "vllm_duo.backend.DuoAttentionBackend"
 

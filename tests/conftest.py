@@ -1,0 +1,171 @@
+"""Shared fixtures: tiny offline models, engine subprocesses, the fp32 reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNNER = Path(__file__).resolve().parent / "engine_runner.py"
+ENGINE_TIMEOUT_S = 420
+
+
+def _tiny(tmp_path_factory, name: str, **kwargs) -> Path:
+    from vllm_duo.testing.tiny_llama import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.getbasetemp() / name, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa(tmp_path_factory) -> Path:
+    """4 layers, 4 query heads over 2 KV heads, head size 32, fp32."""
+    return _tiny(tmp_path_factory, "tiny-gqa", num_layers=4, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_mha(tmp_path_factory) -> Path:
+    """4 layers, 4 query heads, 4 KV heads (MHA), head size 32, fp32."""
+    return _tiny(tmp_path_factory, "tiny-mha", num_layers=4, num_heads=4, num_kv_heads=4, seed=1)
+
+
+def write_pattern(directory: Path, gates: list[list[float]]) -> Path:
+    """An upstream-format pattern directory holding ``gates``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = ["\t".join(repr(float(g)) for g in row) for row in gates]
+    (directory / "full_attention_heads.tsv").write_text("\n".join(rows) + "\n")
+    return directory
+
+
+_SHARED = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_vllm_cache(tmp_path_factory):
+    """One VLLM_CACHE_ROOT per session: vLLM caches model inspection there (~13 s a start)."""
+    _SHARED["cache"] = tmp_path_factory.mktemp("vllm-cache")
+
+
+def engine_env(tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """A clean environment for a vLLM subprocess: temp caches, no stray VLLM_DUO_*."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_DUO_")}
+    cache = _SHARED.get("cache") or tmp_path / "vllm-cache"
+    cache.mkdir(exist_ok=True)
+    base.update(
+        TMPDIR=str(tmp_path),
+        VLLM_CACHE_ROOT=str(cache),
+        HF_HUB_OFFLINE="1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        PYTHONUNBUFFERED="1",
+    )
+    base.update(env or {})
+    return base
+
+
+DEFAULT_LLM_KWARGS = {
+    "enforce_eager": True,
+    "dtype": "float32",
+    "max_model_len": 1024,
+    "kv_cache_memory_bytes": 64 << 20,
+    "attention_backend": "DUO",
+}
+
+
+def run_engine(
+    tmp_path: Path,
+    model: Path,
+    prompts: list[list[int]],
+    *,
+    env: dict[str, str] | None = None,
+    max_tokens: int = 6,
+    expect_failure: bool = False,
+    repeat: int = 1,
+    **llm_kwargs,
+):
+    """Run one engine in a subprocess; returns its outputs, or its log if it must fail."""
+    tag = f"run{len(list(tmp_path.glob('request-*.json')))}"
+    request = tmp_path / f"request-{tag}.json"
+    result = tmp_path / f"result-{tag}.json"
+    kwargs = {**DEFAULT_LLM_KWARGS, **llm_kwargs}
+    request.write_text(
+        json.dumps(
+            {
+                "model": str(model),
+                "llm_kwargs": kwargs,
+                "prompts": prompts,
+                "max_tokens": max_tokens,
+                "repeat": repeat,
+                "env": {},
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), str(request), str(result)],
+        env=engine_env(tmp_path, env),
+        capture_output=True,
+        text=True,
+        timeout=ENGINE_TIMEOUT_S,
+        cwd=tmp_path,
+    )
+    log = proc.stdout + proc.stderr
+    if expect_failure:
+        assert proc.returncode != 0, f"engine was expected to fail but ran:\n{log[-3000:]}"
+        return log
+    assert proc.returncode == 0, f"engine failed (rc={proc.returncode}):\n{log[-6000:]}"
+    data = json.loads(result.read_text())
+    data["log"] = log
+    return data
+
+
+class Reference:
+    """The fp32 transformers model with DuoAttention masks (vllm_duo.reference)."""
+
+    def __init__(self, model_dir: Path, retrieval_mask: np.ndarray, sink: int, recent: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from vllm_duo.reference import use_reference_pattern
+
+        name = use_reference_pattern(retrieval_mask, sink=sink, recent=recent)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation=name, dtype=torch.float32
+        )
+        self.model.eval()
+
+    def logprobs(self, ids: list[int]):
+        from vllm_duo.reference import reference_logprobs
+
+        return reference_logprobs(self.model, ids)
+
+
+def assert_matches_reference(
+    reference: Reference, prompts: list[list[int]], outputs: list[dict], atol: float = 1e-3
+) -> float:
+    """Prompt and decode logprobs agree with the reference; greedy tokens are its argmax.
+
+    Returns the largest absolute logprob difference seen.
+    """
+    worst = 0.0
+    for ids, out in zip(prompts, outputs):
+        full = ids + out["tokens"]
+        lp = reference.logprobs(full)
+        want_prompt = np.array([lp[i - 1, ids[i]].item() for i in range(1, len(ids))])
+        got_prompt = np.array(out["prompt_logprobs"])
+        start = len(ids) - 1
+        want_decode = np.array([lp[start + j, t].item() for j, t in enumerate(out["tokens"])])
+        got_decode = np.array(out["logprobs"])
+        diffs = np.abs(np.concatenate([want_prompt - got_prompt, want_decode - got_decode]))
+        worst = max(worst, float(diffs.max(initial=0.0)))
+        assert diffs.max(initial=0.0) < atol, (
+            f"prompt of {len(ids)} tokens: max |logprob diff| {diffs.max():.2e} >= {atol}"
+        )
+        for j, token in enumerate(out["tokens"]):
+            top = lp[start + j]
+            # Greedy must pick the reference's best token, up to exact-tie noise.
+            assert top[token] >= top.max() - 1e-4, f"step {j}: {token} is not the argmax"
+    return worst
