@@ -46,8 +46,7 @@ typedef struct CUstream_st* cudaStream_t;
 typedef enum DuoDtype {
   DUO_DTYPE_FLOAT16 = 0,
   DUO_DTYPE_BFLOAT16 = 1,
-  DUO_DTYPE_FP8_E4M3 = 2, /* KV cache only: 1 byte, dequant = value * scale */
-  DUO_DTYPE_FP8_E5M2 = 3  /* KV cache only */
+  DUO_DTYPE_FP8_E4M3 = 2 /* KV cache only: 1 byte, dequant = value * scale */
 } DuoDtype;
 
 typedef enum DuoStatus {
@@ -88,7 +87,7 @@ typedef struct DuoDecodeArgs {
   float k_scale;    /* key dequant scale (1.0 for 16-bit caches) */
   float v_scale;    /* value dequant scale */
   int q_dtype;      /* DuoDtype: FLOAT16 | BFLOAT16, also the output dtype */
-  int kv_dtype;     /* DuoDtype: q_dtype, FP8_E4M3 or FP8_E5M2 */
+  int kv_dtype;     /* DuoDtype: q_dtype or FP8_E4M3 */
   int num_splits;   /* 0 = choose; else split the S+W keys into this many parts */
   int num_sms;      /* 0 = ask the current device; > 0 = plan for this many */
 } DuoDecodeArgs;
@@ -110,8 +109,11 @@ int duo_sink_window_decode_plan(const DuoDecodeArgs* args, DuoDecodePlan* plan, 
 int duo_sink_window_decode(const DuoDecodeArgs* args, cudaStream_t stream, char* err,
                            int err_len);
 
-/* "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2" or "unknown". */
+/* "float16", "bfloat16", "fp8_e4m3" or "unknown". */
 const char* duo_dtype_name(int dtype);
+
+/* sizeof(DuoDecodeArgs) as compiled, for FFI callers to check their mirror. */
+size_t duo_decode_args_size(void);
 
 #ifdef __cplusplus
 } /* extern "C" */

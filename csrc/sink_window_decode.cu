@@ -33,7 +33,7 @@ int fail(int status, char* err, int err_len, const char* fmt, ...) {
   } while (0)
 
 bool is_16bit(int dtype) { return dtype == DUO_DTYPE_FLOAT16 || dtype == DUO_DTYPE_BFLOAT16; }
-bool is_fp8(int dtype) { return dtype == DUO_DTYPE_FP8_E4M3 || dtype == DUO_DTYPE_FP8_E5M2; }
+bool is_fp8(int dtype) { return dtype == DUO_DTYPE_FP8_E4M3; }
 int dtype_bytes(int dtype) { return is_fp8(dtype) ? 1 : 2; }
 
 int log2_exact(int x) {
@@ -90,8 +90,8 @@ int check_shapes(const DuoDecodeArgs* a, char* err, int err_len) {
   DUO_REQUIRE(a->q_dtype == DUO_DTYPE_FLOAT16 || a->q_dtype == DUO_DTYPE_BFLOAT16,
               "q_dtype=%s is not supported: expected float16 or bfloat16", duo_dtype_name(a->q_dtype));
   DUO_REQUIRE(is_16bit(a->kv_dtype) || is_fp8(a->kv_dtype),
-              "kv_dtype=%d is not supported: expected float16, bfloat16, fp8_e4m3 or fp8_e5m2",
-              a->kv_dtype);
+              "kv_dtype=%s is not supported: expected float16, bfloat16 or fp8_e4m3",
+              duo_dtype_name(a->kv_dtype));
   DUO_REQUIRE(is_fp8(a->kv_dtype) || a->kv_dtype == a->q_dtype,
               "kv_dtype=%s with q_dtype=%s is not supported: a 16-bit KV cache must have the "
               "query's dtype (or use an fp8 cache)",
@@ -206,7 +206,6 @@ void dispatch_kv(int kv_dtype, int head, int gt, const duo::DecodeParams& p, int
                  cudaStream_t s) {
   switch (kv_dtype) {
     case DUO_DTYPE_FP8_E4M3: dispatch_head<QT, duo::KvE4m3>(head, gt, p, num_reqs, z, s); break;
-    case DUO_DTYPE_FP8_E5M2: dispatch_head<QT, duo::KvE5m2>(head, gt, p, num_reqs, z, s); break;
     default: dispatch_head<QT, KV16>(head, gt, p, num_reqs, z, s); break;
   }
 }
@@ -218,10 +217,11 @@ extern "C" const char* duo_dtype_name(int dtype) {
     case DUO_DTYPE_FLOAT16: return "float16";
     case DUO_DTYPE_BFLOAT16: return "bfloat16";
     case DUO_DTYPE_FP8_E4M3: return "fp8_e4m3";
-    case DUO_DTYPE_FP8_E5M2: return "fp8_e5m2";
     default: return "unknown";
   }
 }
+
+extern "C" size_t duo_decode_args_size(void) { return sizeof(DuoDecodeArgs); }
 
 extern "C" int duo_sink_window_decode_plan(const DuoDecodeArgs* args, DuoDecodePlan* plan,
                                            char* err, int err_len) {

@@ -173,7 +173,6 @@ struct KvFp8 {
 };
 
 using KvE4m3 = KvFp8<__NV_E4M3>;
-using KvE5m2 = KvFp8<__NV_E5M2>;
 
 template <typename Raw>
 __device__ __forceinline__ Raw load_raw(const void* p) {

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vllm_duo.patches import attention_layer, cpu_platform
+from vllm_duo.patches import attention_layer, cpu_platform, early_validation
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ LEDGER: tuple[Patch, ...] = (
         "caches per layer (still_needed() turns False when such a hook appears).",
         apply=attention_layer.apply,
         still_needed=attention_layer.still_needed,
+    ),
+    Patch(
+        name="early_settings_validation",
+        target="vllm.platforms.cpu.CpuPlatform.check_and_update_config",
+        why="Bad VLLM_DUO_* values or patterns would otherwise surface only inside the spawned "
+        "engine core, behind vLLM's generic 'Engine core initialization failed'.",
+        how="Wraps the classmethod: after the original, when DUO is selected it builds the "
+        "model's head plan (settings, pattern, shape check) in the config-building process.",
+        remove_when="Attention backends get a config-time validation hook on the CPU platform "
+        "(still_needed() turns False).",
+        apply=early_validation.apply,
+        still_needed=early_validation.still_needed,
     ),
 )
 
