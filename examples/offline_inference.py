@@ -27,7 +27,10 @@ NEEDLE = f"The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key."
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
-QUESTION = "What is the pass key? The pass key is"
+INSTRUCTION = "Find the pass key hidden in the text below."
+QUESTION = "What is the pass key? Answer with the number only."
+ANSWER_PREFIX = "The pass key is"
+"""Appended after the assistant tag so the reply starts where the number goes."""
 BUNDLED_DEFAULT_PATTERN = "SmolLM2-135M-Instruct"
 
 logger = logging.getLogger("offline_inference")
@@ -141,19 +144,22 @@ def choose_pattern(args: argparse.Namespace, model_dir: Path | None) -> str:
 
 
 def build_prompt(tokenizer, context_tokens: int, depth: float) -> str:
-    """Filler text of about ``context_tokens`` tokens with the needle at ``depth``."""
+    """Chat prompt of about ``context_tokens`` tokens with the needle at ``depth`` of the filler.
+
+    The assistant turn is opened and primed with "The pass key is", so a model that found the
+    needle answers with the number straight away (greedy decoding, no chatter to parse).
+    """
     filler_tokens = len(tokenizer.encode(FILLER, add_special_tokens=False))
-    overhead = len(tokenizer.encode(NEEDLE + " " + QUESTION, add_special_tokens=False)) + 40
+    frame = f"{INSTRUCTION}\n\n{NEEDLE}\n\n{QUESTION} {ANSWER_PREFIX}"
+    overhead = len(tokenizer.encode(frame, add_special_tokens=False)) + 40  # + chat template
     repeats = max(1, (context_tokens - overhead) // filler_tokens)
     before = round(repeats * depth)
     haystack = FILLER * before + NEEDLE + " " + FILLER * (repeats - before)
-    content = (
-        "There is a pass key hidden in the text below. Find it and remember it.\n\n"
-        f"{haystack}\n\n{QUESTION}"
-    )
-    return tokenizer.apply_chat_template(
+    content = f"{INSTRUCTION}\n\n{haystack.strip()}\n\n{QUESTION}"
+    chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
+    return chat + ANSWER_PREFIX
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     output = llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)[0]
-    answer = output.outputs[0].text.strip()
+    completion = output.outputs[0].text
+    answer = f"{ANSWER_PREFIX}{completion}".strip()
     finished = time.perf_counter()
 
     print()
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"settings: {settings.describe()}")
     print(f"prompt:   {len(prompt_ids)} tokens, pass key {PASSKEY} at depth {args.depth:.0%}")
     print(f"answer:   {answer!r}")
-    print(f"correct:  {'yes' if PASSKEY in answer else 'no'}")
+    print(f"correct:  {'yes' if PASSKEY in completion else 'no'}")
     report_kv(model, settings, len(prompt_ids) + len(output.outputs[0].token_ids))
     print(
         f"time:     prepare {prepared - started:.1f} s, engine start {loaded - prepared:.1f} s, "

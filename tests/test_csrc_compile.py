@@ -346,9 +346,10 @@ def test_plan_splits_few_requests_and_not_many(launcher):
 def test_plan_covers_all_keys(launcher):
     for sink, recent, head in [(0, 1, 64), (3, 5, 256), (64, 256, 128), (17, 1000, 64)]:
         for forced in (0, 1, 2, 5, 64):
-            status, plan, _ = _plan(launcher, _args(sink=sink, recent=recent, head_size=head,
-                                                    num_splits=forced, num_reqs=1))
-            assert status == 0
+            status, plan, err = _plan(launcher, _args(
+                sink=sink, recent=recent, head_size=head, num_splits=forced, num_reqs=1,
+                cache_block_stride=2 * 16 * head))
+            assert status == 0, err
             assert plan.num_splits * plan.keys_per_split >= sink + recent
             assert (plan.num_splits - 1) * plan.keys_per_split < sink + recent
 

@@ -71,9 +71,7 @@ def test_gqa_small_chunks_match_reference(tmp_path, tiny_gqa, gqa_pattern, gqa_r
     assert_matches_reference(gqa_reference, prompts, run["outputs"])
 
 
-def test_gqa_multiprocess_engine_matches_reference(
-    tmp_path, tiny_gqa, gqa_pattern, gqa_reference
-):
+def test_gqa_multiprocess_engine_matches_reference(tmp_path, tiny_gqa, gqa_pattern, gqa_reference):
     """Spawned engine core + worker: DUO survives pickling and plugin reload."""
     prompts = _prompts([40, 200], seed=20)
     env = _duo_env(gqa_pattern, VLLM_ENABLE_V1_MULTIPROCESSING=1)

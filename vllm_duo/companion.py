@@ -117,4 +117,3 @@ def attach_head_caches(layer: Attention) -> None:
     # The layer allocates nothing itself; sharing its first head's cache makes
     # vLLM skip its KV spec and still hand it attention metadata each step.
     layer.kv_sharing_target_layer_name = impl.head_caches[0].layer_name
-

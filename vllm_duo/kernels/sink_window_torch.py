@@ -14,9 +14,7 @@ from vllm_duo.kernels.slots import streaming_key_ranges
 _NEG_INF = float("-inf")
 
 
-def _gather(
-    cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
+def _gather(cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rows of ``cache`` [num_blocks, block_size, D] at token ``positions``."""
     block_size = cache.shape[1]
     blocks = block_row[torch.div(positions, block_size, rounding_mode="floor")]
@@ -66,12 +64,21 @@ def sink_window_attention(
     num_tokens, num_q, head_dim = query.shape
     out = torch.zeros(num_tokens, num_q, head_dim, dtype=torch.float32, device=query.device)
     num_reqs = len(seq_lens)
-    decode_rows = [
-        r for r in range(num_reqs) if query_start_loc[r + 1] - query_start_loc[r] == 1
-    ]
+    decode_rows = [r for r in range(num_reqs) if query_start_loc[r + 1] - query_start_loc[r] == 1]
     if decode_rows:
-        _decode(out, query, key_cache, value_cache, block_table, query_start_loc,
-                seq_lens, decode_rows, sink, recent, scale)
+        _decode(
+            out,
+            query,
+            key_cache,
+            value_cache,
+            block_table,
+            query_start_loc,
+            seq_lens,
+            decode_rows,
+            sink,
+            recent,
+            scale,
+        )
     for r in range(num_reqs):
         start, end = query_start_loc[r], query_start_loc[r + 1]
         if end - start <= 1:
@@ -81,10 +88,12 @@ def sink_window_attention(
             tile_end = min(tile + query_tile, end)
             first_pos = context_start + (tile - start)
             last_pos = first_pos + (tile_end - tile)
-            key_pos = torch.cat([
-                torch.arange(a, b, device=query.device)
-                for a, b in streaming_key_ranges(first_pos, last_pos, sink, recent)
-            ])
+            key_pos = torch.cat(
+                [
+                    torch.arange(a, b, device=query.device)
+                    for a, b in streaming_key_ranges(first_pos, last_pos, sink, recent)
+                ]
+            )
             q_pos = torch.arange(first_pos, last_pos, device=query.device)
             rel = q_pos[:, None] - key_pos[None, :]
             mask = (rel >= 0) & ((key_pos[None, :] < sink) | (rel < recent))

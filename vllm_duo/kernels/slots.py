@@ -9,9 +9,7 @@ and the tests.
 from __future__ import annotations
 
 
-def streaming_key_ranges(
-    q_start: int, q_end: int, sink: int, recent: int
-) -> list[tuple[int, int]]:
+def streaming_key_ranges(q_start: int, q_end: int, sink: int, recent: int) -> list[tuple[int, int]]:
     """Half-open key-position ranges that queries at ``[q_start, q_end)`` may see.
 
     The ranges are disjoint and sorted; together they hold at most

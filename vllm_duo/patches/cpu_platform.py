@@ -46,9 +46,8 @@ def apply() -> None:
 
 def still_needed() -> bool:
     """True while the unpatched platform ignores a registered DUO selection."""
-    from vllm.v1.attention.selector import AttentionSelectorConfig
-
     import torch
+    from vllm.v1.attention.selector import AttentionSelectorConfig
 
     from vllm_duo.registration import DUO_CLASS_PATH, duo_backend_enum
 

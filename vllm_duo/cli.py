@@ -1,0 +1,460 @@
+"""The ``vllm-duo`` command line.
+
+Subcommands:
+
+- ``vllm-duo patterns list``: the bundled DuoAttention patterns.
+- ``vllm-duo patterns show NAME|PATH``: the retrieval/streaming split of one pattern at a given
+  sparsity or threshold, the KV-cache saving it buys, optionally a PNG heat map.
+
+The ``patterns`` commands are pure: they use :mod:`vllm_duo.patterns` and
+:mod:`vllm_duo.settings` only and never import vLLM, so they work on a machine without it.
+Commands that need an engine import it inside their own handler, never at module level.
+
+Every problem with the user's input is reported as one line ``vllm-duo: error: <message>`` on
+stderr with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from vllm_duo import __version__
+from vllm_duo.errors import DuoConfigError
+from vllm_duo.patterns import (
+    BundledPattern,
+    HeadPlan,
+    check_shape,
+    list_bundled,
+    load_gates,
+    render_png,
+    resolve_pattern,
+    select_retrieval,
+)
+from vllm_duo.settings import (
+    DEFAULT_RECENT,
+    DEFAULT_SINK,
+    DEFAULT_SPARSITY,
+    ENV_PATTERN,
+    ENV_RECENT,
+    ENV_SINK,
+    ENV_SPARSITY,
+    ENV_THRESHOLD,
+    MAX_TOKENS,
+    DuoSettings,
+)
+
+__all__ = ["main"]
+
+PROG = "vllm-duo"
+DEFAULT_CONTEXT = 8192
+# Bytes per K or V element in the KV-cache estimate: fp16 / bf16, vLLM's default cache dtype.
+KV_ELEMENT_BYTES = 2
+
+# Flag <-> environment variable of the same setting, so DuoSettings does the validation and
+# its messages are rewritten to name the flag the user actually typed.
+_FLAG_ENV = {
+    "sparsity": ENV_SPARSITY,
+    "threshold": ENV_THRESHOLD,
+    "sink": ENV_SINK,
+    "recent": ENV_RECENT,
+}
+_INT_RE = re.compile(r"[0-9]+")
+
+
+# --------------------------------------------------------------------------------------------
+# Output helpers (the only places that print)
+# --------------------------------------------------------------------------------------------
+
+
+def _out(line: str = "") -> None:
+    """Write one line of command output to stdout."""
+    print(line, file=sys.stdout)
+
+
+def _error_line(message: str) -> None:
+    """Write the single ``vllm-duo: error: ...`` line to stderr (newlines folded)."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    """A command-line syntax error found by argparse; reported like any other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors become :class:`_UsageError` instead of usage + exit.
+
+    Subparsers inherit the class, so every level reports errors the same one-line way.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing the usage block and exiting."""
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog=PROG,
+        description="DuoAttention for vLLM: inspect head patterns.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    patterns = commands.add_parser(
+        "patterns",
+        help="list and inspect DuoAttention head patterns",
+        description="List and inspect DuoAttention head patterns (no vLLM needed).",
+    )
+    pattern_commands = patterns.add_subparsers(
+        dest="patterns_command", metavar="SUBCOMMAND", required=True
+    )
+
+    listing = pattern_commands.add_parser(
+        "list",
+        help="list the bundled patterns",
+        description="List the patterns bundled with vllm-duo.",
+    )
+    listing.set_defaults(handler=_cmd_patterns_list)
+
+    show = pattern_commands.add_parser(
+        "show",
+        help="show the retrieval/streaming split of a pattern",
+        description=(
+            "Show which KV heads of a pattern become retrieval heads at a given sparsity or "
+            "threshold, and the KV-cache saving that buys."
+        ),
+    )
+    show.add_argument(
+        "pattern",
+        metavar="NAME|PATH",
+        help="bundled pattern name (case-insensitive) or a pattern directory / TSV file",
+    )
+    selection = show.add_mutually_exclusive_group()
+    selection.add_argument(
+        "--sparsity",
+        metavar="X",
+        help=(
+            "fraction of all KV heads that become streaming heads, in [0, 1] (default: the "
+            f"bundled pattern's recommended sparsity, else {DEFAULT_SPARSITY})"
+        ),
+    )
+    selection.add_argument(
+        "--threshold",
+        metavar="T",
+        help="instead of --sparsity: heads with gate >= T become retrieval heads",
+    )
+    show.add_argument(
+        "--sink",
+        metavar="S",
+        help=f"sink tokens kept by streaming heads (default {DEFAULT_SINK})",
+    )
+    show.add_argument(
+        "--recent",
+        metavar="W",
+        help=f"recent tokens kept by streaming heads (default {DEFAULT_RECENT})",
+    )
+    show.add_argument(
+        "--context",
+        metavar="L",
+        help=f"context length in tokens for the KV estimates (default {DEFAULT_CONTEXT})",
+    )
+    show.add_argument(
+        "--png",
+        metavar="FILE",
+        help="also write a heat map of the gates with the retrieval heads marked",
+    )
+    show.set_defaults(handler=_cmd_patterns_show)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Flag validation (through DuoSettings, messages rewritten to name the flags)
+# --------------------------------------------------------------------------------------------
+
+
+def _flag_text(flag: str, raw: str) -> str:
+    """``--flag=value`` as a user would type it (quoted only where a shell would need it)."""
+    return f"--{flag}={shlex.quote(raw)}"
+
+
+def _settings_from_flags(flags: dict[str, str | None]) -> DuoSettings:
+    """Validate the given flag values exactly as the ``VLLM_DUO_*`` variables are validated.
+
+    ``flags`` maps flag names (``sparsity``, ``threshold``, ``sink``, ``recent``) to the raw
+    text the user passed, or None when the flag was not given.
+    """
+    given = {flag: raw for flag, raw in flags.items() if raw is not None}
+    for flag, raw in given.items():
+        # from_env treats a blank value as unset; a blank flag is a mistake, not a default.
+        if not raw.strip():
+            kind = "a float in [0, 1]" if flag in ("sparsity", "threshold") else "an integer"
+            raise DuoConfigError(f"{_flag_text(flag, raw)} is empty: expected {kind}.")
+    env = {_FLAG_ENV[flag]: raw for flag, raw in given.items()}
+    try:
+        return DuoSettings.from_env(env)
+    except DuoConfigError as exc:
+        message = str(exc)
+        for flag, raw in given.items():
+            var = _FLAG_ENV[flag]
+            message = message.replace(f"{var}={raw!r}", _flag_text(flag, raw))
+        for flag, var in _FLAG_ENV.items():
+            message = message.replace(var, f"--{flag}")
+        raise DuoConfigError(message) from None
+
+
+def _parse_context(raw: str | None) -> int:
+    """The ``--context`` value: a base-10 integer in [1, MAX_TOKENS]."""
+    if raw is None:
+        return DEFAULT_CONTEXT
+    text = raw.strip()
+    if not _INT_RE.fullmatch(text):
+        raise DuoConfigError(
+            f"{_flag_text('context', raw)} is not a base-10 integer: expected a context length "
+            f"in tokens, an integer >= 1; example: --context=32768."
+        )
+    value = int(text)
+    if not 1 <= value <= MAX_TOKENS:
+        raise DuoConfigError(
+            f"{_flag_text('context', raw)} is out of range: expected an integer in "
+            f"[1, {MAX_TOKENS}] (context length in tokens)."
+        )
+    return value
+
+
+def _pattern_message(message: str, spec: str) -> str:
+    """Rewrite a resolve_pattern message about ``VLLM_DUO_PATTERN`` for the positional arg."""
+    message = message.replace(f"{ENV_PATTERN}={spec!r}", f"pattern {spec!r}")
+    message = message.replace(
+        f"set {ENV_PATTERN} to a bundled pattern name", "pass a bundled pattern name"
+    )
+    return message.replace(" or to a directory containing", " or a directory containing")
+
+
+# --------------------------------------------------------------------------------------------
+# patterns list
+# --------------------------------------------------------------------------------------------
+
+
+def _shape_value(pattern: BundledPattern, key: str) -> str:
+    value = pattern.shape.get(key)
+    return "?" if value is None else str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns separated by two spaces; no trailing blanks."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _cmd_patterns_list(args: argparse.Namespace) -> int:
+    """``vllm-duo patterns list``."""
+    bundled = list_bundled()
+    if not bundled:
+        _out("no bundled patterns are installed")
+        return 0
+    header = ("NAME", "MODEL IDS", "LAYERS x KV", "HEADS", "HEAD SIZE", "SPARSITY")
+    rows: list[tuple[str, ...]] = []
+    for pattern in bundled:
+        rows.append(
+            (
+                pattern.name,
+                pattern.model_ids[0],
+                f"{pattern.num_layers} x {pattern.num_kv_heads}",
+                _shape_value(pattern, "num_attention_heads"),
+                _shape_value(pattern, "head_size"),
+                f"{pattern.recommended_sparsity:g}",
+            )
+        )
+        # Further model ids on continuation rows keep the table narrow.
+        rows.extend(("", model_id, "", "", "", "") for model_id in pattern.model_ids[1:])
+    for line in _table(header, rows):
+        _out(line)
+    _out()
+    _out(
+        "SPARSITY is the recommended fraction of streaming heads; "
+        f"`{PROG} patterns show NAME` prints the per-layer split."
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# patterns show
+# --------------------------------------------------------------------------------------------
+
+
+def _format_bytes(count: float) -> str:
+    """Bytes as B / KiB / MiB with one decimal."""
+    if count < 1024:
+        return f"{count:.0f} B"
+    if count < 1024**2:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / 1024**2:.1f} MiB"
+
+
+def _cmd_patterns_show(args: argparse.Namespace) -> int:
+    """``vllm-duo patterns show NAME|PATH``."""
+    spec: str = args.pattern
+    if not spec.strip():
+        raise DuoConfigError(
+            f"pattern {spec!r} is empty: pass a bundled pattern name (`{PROG} patterns list`) or "
+            f"a pattern directory / .tsv path."
+        )
+    settings = _settings_from_flags(
+        {
+            "sparsity": args.sparsity,
+            "threshold": args.threshold,
+            "sink": args.sink,
+            "recent": args.recent,
+        }
+    )
+    context = _parse_context(args.context)
+
+    try:
+        path, label = resolve_pattern(spec, None, None)
+    except DuoConfigError as exc:
+        raise DuoConfigError(_pattern_message(str(exc), spec)) from None
+    bundled: BundledPattern | None = None
+    if label.startswith("bundled:"):
+        name = label.split(":", 1)[1]
+        bundled = next((b for b in list_bundled() if b.name == name), None)
+
+    gates = load_gates(path)
+    if bundled is not None:
+        check_shape(gates, bundled.num_layers, bundled.num_kv_heads, f"'{bundled.name}'")
+
+    # Selection: explicit flag, else the bundled pattern's recommendation, else the default.
+    if settings.threshold is not None:
+        kwargs: dict[str, float] = {"threshold": settings.threshold}
+        selection = f"threshold={settings.threshold:g} (--threshold)"
+    elif args.sparsity is not None:
+        kwargs = {"sparsity": float(settings.sparsity or 0.0)}
+        selection = f"sparsity={kwargs['sparsity']:g} (--sparsity)"
+    elif bundled is not None:
+        kwargs = {"sparsity": bundled.recommended_sparsity}
+        selection = f"sparsity={bundled.recommended_sparsity:g} (recommended for this pattern)"
+    else:
+        kwargs = {"sparsity": DEFAULT_SPARSITY}
+        selection = f"sparsity={DEFAULT_SPARSITY:g} (default)"
+    mask = select_retrieval(gates, **kwargs)
+    plan = HeadPlan.from_mask(mask)
+
+    layers, kv_heads = plan.num_layers, plan.num_kv_heads
+    total = layers * kv_heads
+    sink, recent = settings.sink, settings.recent
+    ratio = plan.kv_bytes_ratio(context, sink, recent)
+    fraction = plan.retrieval_fraction
+
+    source = label if bundled is None else f"{label} ({path})"
+    _out(f"pattern:    {source}")
+    if bundled is not None:
+        _out(f"model ids:  {', '.join(bundled.model_ids)}")
+        shape = (
+            f"{layers} layers x {kv_heads} KV heads, "
+            f"{_shape_value(bundled, 'num_attention_heads')} attention heads, "
+            f"head size {_shape_value(bundled, 'head_size')}"
+        )
+    else:
+        shape = f"{layers} layers x {kv_heads} KV heads"
+    _out(f"shape:      {shape}")
+    _out(f"selection:  {selection}")
+    _out(f"streaming:  sink={sink} recent={recent} tokens per streaming head")
+    _out(
+        f"retrieval:  {plan.num_retrieval}/{total} heads ({fraction:.1%}), "
+        f"streaming: {plan.num_streaming}/{total}"
+    )
+    _out(f"per layer:  {plan.compact_counts()}")
+    _out()
+    digits = len(str(layers - 1))
+    for layer, heads in enumerate(plan.retrieval):
+        _out(
+            f"layer {layer:>{digits}}: {len(heads)}/{kv_heads} retrieval  heads "
+            f"[{', '.join(str(h) for h in heads)}]"
+        )
+    _out()
+
+    kept = f"{ratio:.1%} of full attention"
+    head_size = bundled.shape.get("head_size") if bundled is not None else None
+    if isinstance(head_size, int) and not isinstance(head_size, bool) and head_size > 0:
+        full = 2 * layers * kv_heads * head_size * KV_ELEMENT_BYTES
+        _out(
+            f"KV bytes per token at L={context} (16-bit KV cache): "
+            f"{_format_bytes(full * ratio)} vs {_format_bytes(full)} for full attention ({kept})"
+        )
+    else:
+        _out(f"KV bytes per token at L={context}: {kept} (head size unknown for a path pattern)")
+    _out(
+        f"ideal decode KV-read reduction at L={context}: {1.0 / ratio:.2f}x  "
+        f"(L / (r*L + (1-r)*(S+W)), r={fraction:.3f}, S+W={sink + recent})"
+    )
+
+    if args.png is not None:
+        name = bundled.name if bundled is not None else os.path.basename(os.path.normpath(path))
+        title = (
+            f"{name}\n{selection.split(' (')[0]}: {plan.num_retrieval}/{total} retrieval heads "
+            f"(dots)"
+        )
+        try:
+            written = render_png(gates, args.png, mask=mask, title=title)
+        except OSError as exc:
+            raise DuoConfigError(
+                f"--png={shlex.quote(args.png)} cannot be written ({exc.strerror or exc}): "
+                f"check that the directory exists and is writable."
+            ) from None
+        _out(f"heat map written to {written}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``vllm-duo`` command line; returns the exit status.
+
+    0 on success, 2 for any bad input (one ``vllm-duo: error: ...`` line on stderr).
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.handler(args))
+    except SystemExit as exc:  # --help and --version exit through argparse
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    except _UsageError as exc:
+        _error_line(str(exc))
+        return 2
+    except DuoConfigError as exc:
+        _error_line(str(exc))
+        return 2
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except OSError as exc:
+        _error_line(f"{exc.filename or 'I/O'}: {exc.strerror or exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
