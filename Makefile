@@ -94,20 +94,29 @@ venv:
 demo: venv
 	"$(VPY)" examples/offline_inference.py
 
+# Lint, format check and pytest all run even when an earlier one fails, so one CI log shows
+# every problem; the target fails if any of them failed. pytest's exit status 5 ("no tests
+# collected") counts as success.
 test: venv
-	"$(VENV)/bin/ruff" check $(LINT_PATHS)
-	"$(VENV)/bin/ruff" format --check $(LINT_PATHS)
+	@status=0
+	echo "test: ruff check $(LINT_PATHS)"
+	"$(VENV)/bin/ruff" check $(LINT_PATHS) || { echo "test: ruff check FAILED"; status=1; }
+	echo "test: ruff format --check $(LINT_PATHS)"
+	"$(VENV)/bin/ruff" format --check $(LINT_PATHS) || { echo "test: ruff format --check FAILED (run make format)"; status=1; }
 	tmp="$$(mktemp -d "$${TMPDIR:-/tmp}/vllm-duo-test.XXXXXX")"
 	trap 'rm -rf "$$tmp"' EXIT
 	mkdir -p "$$tmp/vllm-cache"
+	echo "test: pytest (TMPDIR=$$tmp)"
 	rc=0
 	TMPDIR="$$tmp" VLLM_CACHE_ROOT="$$tmp/vllm-cache" \
 	  "$(VPY)" -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS) || rc=$$?
 	if [ "$$rc" -eq 5 ]; then
 	  echo "test: pytest collected no tests (exit 5); treating as success"
-	  rc=0
+	elif [ "$$rc" -ne 0 ]; then
+	  echo "test: pytest FAILED (exit $$rc)"
+	  status=1
 	fi
-	exit "$$rc"
+	exit "$$status"
 
 lint: venv
 	"$(VENV)/bin/ruff" check $(LINT_PATHS)

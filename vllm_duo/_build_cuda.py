@@ -50,8 +50,10 @@ def skip_reason() -> str | None:
     try:
         import torch
     except ImportError:
-        return ("torch is not importable in the build environment "
-                "(use pip install --no-build-isolation to build the CUDA extension)")
+        return (
+            "torch is not importable in the build environment "
+            "(use pip install --no-build-isolation to build the CUDA extension)"
+        )
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is not a CUDA build"
     from torch.utils import cpp_extension
@@ -81,9 +83,8 @@ def cuda_extensions() -> list:
     """[CUDAExtension('vllm_duo._C')] when it can be built here, else [] (reason logged)."""
     reason = skip_reason()
     if reason is not None:
+        # Unconfigured logging still prints warnings (logging.lastResort), so pip shows it.
         log.warning("vllm-duo: not building the CUDA extension %s: %s", EXTENSION, reason)
-        print(f"vllm-duo: not building the CUDA extension {EXTENSION}: {reason}",
-              file=sys.stderr)
         return []
     from torch.utils.cpp_extension import CUDAExtension
 

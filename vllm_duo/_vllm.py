@@ -37,7 +37,17 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout, KVCacheSpec
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import KVCacheBlock, resolve_block_hashes
+from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheLayout,
+    KVCacheSpec,
+    SlidingWindowSpec,
+)
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 __all__ = [
     "Attention",
@@ -48,16 +58,22 @@ __all__ = [
     "AttentionLayerBase",
     "AttentionMetadataBuilder",
     "AttentionType",
+    "BlockPool",
     "CPUAttentionBackend",
     "CPUAttentionMetadata",
     "CPUAttentionMetadataBuilder",
     "CommonAttentionMetadata",
     "CpuPlatform",
     "FullAttentionSpec",
+    "KVCacheBlock",
     "KVCacheLayout",
     "KVCacheSpec",
+    "KVCacheSpecRegistry",
     "MultipleOf",
+    "SlidingWindowManager",
+    "SlidingWindowSpec",
     "VllmConfig",
+    "cdiv",
     "current_platform",
     "envs",
     "extract_layer_index",
@@ -69,4 +85,5 @@ __all__ = [
     "init_logger",
     "ops",
     "register_backend",
+    "resolve_block_hashes",
 ]

@@ -37,6 +37,7 @@ from vllm_duo._vllm import (
 )
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.kernels.sink_window_torch import sink_window_attention
+from vllm_duo.streaming_cache import DuoStreamingSpec
 
 if TYPE_CHECKING:
     from vllm_duo.companion import DuoHeadCache
@@ -59,8 +60,8 @@ class DuoMetadata:
     """[num_reqs, max_blocks] block ids of this group's caches."""
     slot_mapping: torch.Tensor
     """[num_tokens] cache slot of each token (-1: padding, write nothing)."""
-    retrieval: CPUAttentionMetadata
-    """What vLLM's CPU kernel needs (scheduler metadata sized for this group's heads)."""
+    retrieval: CPUAttentionMetadata | None
+    """What vLLM's CPU kernel needs, sized for this group's heads; None for streaming groups."""
     isa: str
     """Instruction set vLLM's CPU kernel packs retrieval caches for."""
 
@@ -82,6 +83,8 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._cpu = CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
+        # Streaming groups never run vLLM's kernel: skip its per-step scheduling.
+        self._streaming = isinstance(kv_cache_spec, DuoStreamingSpec)
 
     def build(
         self,
@@ -90,7 +93,7 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
         fast_build: bool = False,
     ) -> DuoMetadata:
         cm = common_attn_metadata
-        retrieval = self._cpu.build(common_prefix_len, cm, fast_build)
+        retrieval = None if self._streaming else self._cpu.build(common_prefix_len, cm, fast_build)
         return DuoMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc_host=cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist(),
@@ -285,6 +288,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         # The kernel honours strides on its inputs but not on `output`.
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         md = metadata.retrieval
+        assert md is not None, "retrieval head scheduled in a streaming cache group"
         ops.cpu_attention_with_kv_cache(
             query=q, key_cache=key_cache, value_cache=value_cache, output=out,
             query_start_loc=md.query_start_loc, seq_lens=md.seq_lens, scale=self.scale,
@@ -304,17 +308,20 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         metadata: DuoMetadata,
     ) -> torch.Tensor:
         """Sink + recent window over the head's plain-layout cache; [tokens, G, D]."""
-        num_blocks, _, block_size, head_size = cache.shape
-        rows = cache.view(num_blocks, 2 * block_size, head_size // 2)
+        num_blocks, _, block_size, packed = cache.shape
+        rows = cache.view(num_blocks, 2 * block_size, packed // 2)
         key_cache, value_cache = rows[:, :block_size], rows[:, block_size:]
         slots = metadata.slot_mapping[: q.shape[0]]
-        written = slots >= 0
-        blocks = torch.div(slots[written], block_size, rounding_mode="floor")
-        offsets = slots[written] % block_size
-        key_cache[blocks, offsets] = k[written, 0].to(cache.dtype)
-        value_cache[blocks, offsets] = v[written, 0].to(cache.dtype)
+        # Block 0 is vLLM's null block: chunk tokens that leave the window within
+        # this step are mapped there and must not be stored.
+        stored = slots >= block_size
+        blocks = torch.div(slots[stored], block_size, rounding_mode="floor")
+        offsets = slots[stored] % block_size
+        key_cache[blocks, offsets] = k[stored, 0].to(cache.dtype)
+        value_cache[blocks, offsets] = v[stored, 0].to(cache.dtype)
         return sink_window_attention(
             q, key_cache, value_cache, metadata.block_table,
             metadata.query_start_loc_host, metadata.seq_lens_host,
             sink=self.sink, recent=self.recent, scale=self.scale,
+            new_keys=k[:, 0], new_values=v[:, 0],
         )  # fmt: skip

@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -306,6 +307,19 @@ def _format_bytes(count: float) -> str:
     return f"{count / 1024**2:.1f} MiB"
 
 
+def _wrap_title(lines: Sequence[str], kv_heads: int) -> str:
+    """Wrap title lines to what fits above the heat map.
+
+    render_png makes the figure about ``2 + 0.25 * heads`` inches wide (at most 14) at 100 dpi;
+    a 12-pt title character is about 9 characters per inch of that width.
+    """
+    width = max(16, int(min(2.0 + 0.25 * kv_heads, 14.0) * 9))
+    wrapped: list[str] = []
+    for line in lines:
+        wrapped.extend(textwrap.wrap(line, width=width) or [""])
+    return "\n".join(wrapped)
+
+
 def _cmd_patterns_show(args: argparse.Namespace) -> int:
     """``vllm-duo patterns show NAME|PATH``."""
     spec: str = args.pattern
@@ -359,10 +373,13 @@ def _cmd_patterns_show(args: argparse.Namespace) -> int:
     ratio = plan.kv_bytes_ratio(context, sink, recent)
     fraction = plan.retrieval_fraction
 
+    # Collect the report first and print it only once everything (the PNG too) has worked, so
+    # an error never leaves half a report on stdout.
+    lines: list[str] = []
     source = label if bundled is None else f"{label} ({path})"
-    _out(f"pattern:    {source}")
+    lines.append(f"pattern:    {source}")
     if bundled is not None:
-        _out(f"model ids:  {', '.join(bundled.model_ids)}")
+        lines.append(f"model ids:  {', '.join(bundled.model_ids)}")
         shape = (
             f"{layers} layers x {kv_heads} KV heads, "
             f"{_shape_value(bundled, 'num_attention_heads')} attention heads, "
@@ -370,44 +387,48 @@ def _cmd_patterns_show(args: argparse.Namespace) -> int:
         )
     else:
         shape = f"{layers} layers x {kv_heads} KV heads"
-    _out(f"shape:      {shape}")
-    _out(f"selection:  {selection}")
-    _out(f"streaming:  sink={sink} recent={recent} tokens per streaming head")
-    _out(
+    lines.append(f"shape:      {shape}")
+    lines.append(f"selection:  {selection}")
+    lines.append(f"streaming:  sink={sink} recent={recent} tokens per streaming head")
+    lines.append(
         f"retrieval:  {plan.num_retrieval}/{total} heads ({fraction:.1%}), "
         f"streaming: {plan.num_streaming}/{total}"
     )
-    _out(f"per layer:  {plan.compact_counts()}")
-    _out()
+    lines.append(f"per layer:  {plan.compact_counts()}")
+    lines.append("")
     digits = len(str(layers - 1))
     for layer, heads in enumerate(plan.retrieval):
-        _out(
+        lines.append(
             f"layer {layer:>{digits}}: {len(heads)}/{kv_heads} retrieval  heads "
             f"[{', '.join(str(h) for h in heads)}]"
         )
-    _out()
+    lines.append("")
 
     kept = f"{ratio:.1%} of full attention"
     head_size = bundled.shape.get("head_size") if bundled is not None else None
     if isinstance(head_size, int) and not isinstance(head_size, bool) and head_size > 0:
         full = 2 * layers * kv_heads * head_size * KV_ELEMENT_BYTES
-        _out(
+        lines.append(
             f"KV bytes per token at L={context} (16-bit KV cache): "
             f"{_format_bytes(full * ratio)} vs {_format_bytes(full)} for full attention ({kept})"
         )
     else:
-        _out(f"KV bytes per token at L={context}: {kept} (head size unknown for a path pattern)")
-    _out(
+        lines.append(
+            f"KV bytes per token at L={context}: {kept} (head size unknown for a path pattern)"
+        )
+    lines.append(
         f"ideal decode KV-read reduction at L={context}: {1.0 / ratio:.2f}x  "
         f"(L / (r*L + (1-r)*(S+W)), r={fraction:.3f}, S+W={sink + recent})"
     )
 
     if args.png is not None:
         name = bundled.name if bundled is not None else os.path.basename(os.path.normpath(path))
-        title = (
-            f"{name}\n{selection.split(' (')[0]}: {plan.num_retrieval}/{total} retrieval heads "
-            f"(dots)"
-        )
+        title_lines = [
+            name,
+            selection.split(" (")[0],
+            f"{plan.num_retrieval}/{total} retrieval (dots)",
+        ]
+        title = _wrap_title(title_lines, kv_heads)
         try:
             written = render_png(gates, args.png, mask=mask, title=title)
         except OSError as exc:
@@ -415,7 +436,9 @@ def _cmd_patterns_show(args: argparse.Namespace) -> int:
                 f"--png={shlex.quote(args.png)} cannot be written ({exc.strerror or exc}): "
                 f"check that the directory exists and is writable."
             ) from None
-        _out(f"heat map written to {written}")
+        lines.append(f"heat map written to {written}")
+    for line in lines:
+        _out(line)
     return 0
 
 

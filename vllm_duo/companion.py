@@ -31,9 +31,10 @@ from vllm_duo._vllm import (
 )
 from vllm_duo.backend import DuoAttentionBackend, DuoAttentionImpl
 from vllm_duo.model_plan import plan_for
+from vllm_duo.streaming_cache import DuoStreamingSpec
 
-STREAMING_CACHE_BOUNDED = False
-"""Whether streaming heads' caches free tokens outside sink + window (not yet)."""
+STREAMING_CACHE_BOUNDED = True
+"""Streaming heads' caches free tokens outside sink + window (DuoStreamingSpec)."""
 
 
 class DuoHeadCache(AttentionLayerBase):
@@ -59,16 +60,25 @@ class DuoHeadCache(AttentionLayerBase):
         self.attn_type = AttentionType.DECODER
         self.dtype = parent.kv_cache_torch_dtype
         self.kv_cache = torch.tensor([])
+        self.sink = 0
+        self.recent = 1
 
     def get_attn_backend(self) -> type[DuoAttentionBackend]:
         return DuoAttentionBackend
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
-        return FullAttentionSpec(
-            block_size=vllm_config.cache_config.block_size,
+        block_size = vllm_config.cache_config.block_size
+        if self.retrieval:
+            return FullAttentionSpec(
+                block_size=block_size, num_kv_heads=1, head_size=self.head_size, dtype=self.dtype
+            )
+        return DuoStreamingSpec(
+            block_size=block_size,
             num_kv_heads=1,
             head_size=self.head_size,
             dtype=self.dtype,
+            sliding_window=self.recent,
+            num_sink_tokens=self.sink,
         )
 
     def __repr__(self) -> str:
@@ -110,6 +120,8 @@ def attach_head_caches(layer: Attention) -> None:
             global_kv_head=head,
             retrieval=plan.is_retrieval(layer_index, head),
         )
+        cache.sink = plan.settings.sink
+        cache.recent = plan.settings.recent
         if name in forward_context:
             raise ValueError(f"Duplicate layer name: {name}")
         forward_context[name] = cache

@@ -70,8 +70,7 @@ def _register_fakes() -> None:
         if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
             continue  # the C++ Meta impl (csrc/torch_binding.cpp) already serves FakeTensor
 
-        def _fake(query, caches, block_table, seq_lens, sink, recent, scale, k_scale,
-                  v_scale, out, num_splits=0):
+        def _fake(*args, **kwargs):
             return None  # writes ``out`` in place; no new tensors
 
         torch.library.register_fake(qualname, _fake)
@@ -138,8 +137,17 @@ def sink_window_decode(
     if out is None:
         out = torch.empty_like(query)
     torch.ops.vllm_duo.sink_window_decode(
-        query, cache, block_table, seq_lens, int(sink), int(recent), float(scale),
-        float(k_scale), float(v_scale), out, int(num_splits),
+        query,
+        cache,
+        block_table,
+        seq_lens,
+        int(sink),
+        int(recent),
+        float(scale),
+        float(k_scale),
+        float(v_scale),
+        out,
+        int(num_splits),
     )
     return out
 
@@ -173,7 +181,16 @@ def sink_window_decode_heads(
     if out is None:
         out = torch.empty_like(query)
     torch.ops.vllm_duo.sink_window_decode_heads(
-        query, list(caches), block_table, seq_lens, int(sink), int(recent), float(scale),
-        float(k_scale), float(v_scale), out, int(num_splits),
+        query,
+        list(caches),
+        block_table,
+        seq_lens,
+        int(sink),
+        int(recent),
+        float(scale),
+        float(k_scale),
+        float(v_scale),
+        out,
+        int(num_splits),
     )
     return out

@@ -42,6 +42,8 @@ def sink_window_attention(
     sink: int,
     recent: int,
     scale: float,
+    new_keys: torch.Tensor | None = None,
+    new_values: torch.Tensor | None = None,
     query_tile: int = 128,
 ) -> torch.Tensor:
     """Attention of one streaming KV head over its paged cache.
@@ -55,6 +57,10 @@ def sink_window_attention(
         seq_lens: num_reqs context lengths including the scheduled queries.
         sink, recent: S and W of the streaming pattern (recent >= 1).
         scale: softmax scale.
+        new_keys, new_values: [num_tokens, D] keys/values of this step's tokens. When
+            given they are read for positions of the current chunk instead of the cache,
+            whose blocks for chunk tokens that leave the window within the step may not
+            exist (the bounded cache never allocates them).
         query_tile: prefill queries handled per gather.
 
     Returns:
@@ -78,6 +84,8 @@ def sink_window_attention(
             sink,
             recent,
             scale,
+            new_keys,
+            new_values,
         )
     for r in range(num_reqs):
         start, end = query_start_loc[r], query_start_loc[r + 1]
@@ -97,11 +105,35 @@ def sink_window_attention(
             q_pos = torch.arange(first_pos, last_pos, device=query.device)
             rel = q_pos[:, None] - key_pos[None, :]
             mask = (rel >= 0) & ((key_pos[None, :] < sink) | (rel < recent))
-            k = _gather(key_cache, block_table[r], key_pos)
-            v = _gather(value_cache, block_table[r], key_pos)
+            if new_keys is None:
+                k = _gather(key_cache, block_table[r], key_pos)
+                v = _gather(value_cache, block_table[r], key_pos)
+            else:
+                k, v = _gather_mixed(key_cache, value_cache, new_keys, new_values,
+                                     block_table[r], key_pos, context_start, start)
             q = query[tile:tile_end].transpose(0, 1)  # [G, Tq, D]
             out[tile:tile_end] = _attend(q, k, v, mask, scale).transpose(0, 1)
     return out.to(query.dtype)
+
+
+def _gather_mixed(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    block_row: torch.Tensor,
+    positions: torch.Tensor,
+    context_start: int,
+    first_token: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values at ``positions``: older ones from the cache, this chunk's from the step."""
+    in_chunk = positions >= context_start
+    rows = first_token + positions[in_chunk] - context_start
+    old = positions[~in_chunk]
+    k = torch.cat([_gather(key_cache, block_row, old), new_keys[rows].to(key_cache.dtype)])
+    v = torch.cat([_gather(value_cache, block_row, old), new_values[rows].to(value_cache.dtype)])
+    # Ranges are sorted and the chunk is their tail, so the order is unchanged.
+    return k, v
 
 
 def _decode(
@@ -116,6 +148,8 @@ def _decode(
     sink: int,
     recent: int,
     scale: float,
+    new_keys: torch.Tensor | None,
+    new_values: torch.Tensor | None,
 ) -> None:
     """All single-query rows at once: each gathers exactly sink + recent slots."""
     device = query.device
@@ -132,6 +166,13 @@ def _decode(
     k = key_cache[blocks.long(), offsets]  # [R, S+W, D]
     v = value_cache[blocks.long(), offsets]
     token_idx = [query_start_loc[r] for r in rows]
+    if new_keys is not None:
+        # The query's own key comes from the step: with W = 1 its block may not exist.
+        own = (positions == lens - 1) & valid
+        step_k = new_keys[token_idx].to(k.dtype)[:, None, :]
+        step_v = new_values[token_idx].to(v.dtype)[:, None, :]
+        k = torch.where(own[..., None], step_k, k)
+        v = torch.where(own[..., None], step_v, v)
     q = query[token_idx].unsqueeze(2)  # [R, G, 1, D]
     attended = _attend(q, k, v, valid.unsqueeze(1), scale)  # [R, G, 1, D]
     out[token_idx] = attended.squeeze(2)
