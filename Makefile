@@ -28,7 +28,7 @@ INSTALL_INPUTS := setup.py pyproject.toml tools/fix_vllm_cli.py $(wildcard requi
 .PHONY: help venv demo test lint format clean distclean
 
 help:
-	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,11p' Makefile | sed 's/^# \{0,1\}//'
 
 # The venv target is phony and decides by itself whether work is needed:
 #  1. the stamp holds a key = hash of INSTALL_INPUTS + install flavour (cpu|cuda);
@@ -103,13 +103,18 @@ test: venv
 	"$(VENV)/bin/ruff" check $(LINT_PATHS) || { echo "test: ruff check FAILED"; status=1; }
 	echo "test: ruff format --check $(LINT_PATHS)"
 	"$(VENV)/bin/ruff" format --check $(LINT_PATHS) || { echo "test: ruff format --check FAILED (run make format)"; status=1; }
-	tmp="$$(mktemp -d "$${TMPDIR:-/tmp}/vllm-duo-test.XXXXXX")"
+	# Keep temp paths short: vLLM puts its ZMQ IPC sockets under TMPDIR (tests point an
+	# engine's TMPDIR at its tmp_path), and a unix socket path must fit in 107 bytes.
+	root="$${TMPDIR:-/tmp}"
+	if [ "$${#root}" -gt 16 ] && [ -w /tmp ]; then root=/tmp; fi
+	tmp="$$(mktemp -d "$$root/vd.XXXXXX")"
 	trap 'rm -rf "$$tmp"' EXIT
 	mkdir -p "$$tmp/vllm-cache"
 	echo "test: pytest (TMPDIR=$$tmp)"
 	rc=0
 	TMPDIR="$$tmp" VLLM_CACHE_ROOT="$$tmp/vllm-cache" \
-	  "$(VPY)" -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS) || rc=$$?
+	  "$(VPY)" -m pytest -q -p no:cacheprovider --basetemp="$$tmp/p" --durations=15 $(PYTEST_ARGS) \
+	  || rc=$$?
 	if [ "$$rc" -eq 5 ]; then
 	  echo "test: pytest collected no tests (exit 5); treating as success"
 	elif [ "$$rc" -ne 0 ]; then

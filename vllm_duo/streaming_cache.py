@@ -9,8 +9,11 @@ three changes:
 * blocks between the sinks and the window go back to the pool while the
   request runs (the sinks stay);
 * blocks of a prefill chunk that fall out of the window before the chunk ends
-  are never allocated (null): the chunk's own keys are read from the forward
-  pass's K/V tensors, not the cache, so only what stays has to be stored;
+  are not reserved: the chunk's own keys are read from the forward pass's K/V
+  tensors, not the cache, so only what stays has to be stored. While the pool
+  is mostly free they are still written (and so prefix-cached, then freed the
+  next step), which lets later requests that share only part of a prompt hit
+  the cache; under memory pressure they are null;
 * prefix-cache hits must include the cached sink blocks.
 
 So a request holds at most ``ceil(S/bs) + ceil(W/bs) + 1`` blocks of a
@@ -76,6 +79,9 @@ class DuoStreamingManager(SlidingWindowManager):
         # Blocks [num_sink_blocks, freed_upto) of a request are already null, so
         # each step only walks the blocks that just left the window.
         self._freed_upto: dict[str, int] = {}
+        # Dead chunk blocks are stored (for the prefix cache) only while at least
+        # this many blocks stay free afterwards.
+        self._spare_floor = self.block_pool.num_gpu_blocks // 2
 
     def _first_live_block_after(self, num_tokens: int) -> int:
         """Blocks below this index (past the sinks) are dead once ``num_tokens`` are computed."""
@@ -179,17 +185,60 @@ class DuoStreamingManager(SlidingWindowManager):
             new.append(block)
             if self._record_new_block_ids:
                 self.new_block_ids.append(block.block_id)
-        while len(blocks) < required and self._is_dead(len(blocks), first_live):
-            blocks.append(self._null_block)
-        self._freed_upto[request_id] = max(
-            self._freed_upto.get(request_id, 0),
-            min(len(blocks), first_live) if len(blocks) > self.num_sink_blocks else 0,
-        )
+        first_null = len(blocks)
+        dead = 0
+        while first_null + dead < required and self._is_dead(first_null + dead, first_live):
+            dead += 1
+        if dead and self._worth_storing(dead):
+            # Nobody is short of memory: store them so the prefix cache keeps
+            # windows inside this chunk; they are freed with the next step.
+            stored = self.block_pool.get_new_blocks(dead)
+            blocks.extend(stored)
+            new.extend(stored)
+            if self._record_new_block_ids:
+                self.new_block_ids.extend(b.block_id for b in stored)
+            first_null = len(blocks)
+        else:
+            blocks.extend([self._null_block] * dead)
+        # Placeholders extend the all-null run only if it reached them.
+        if self._freed_upto.get(request_id, self.num_sink_blocks) >= first_null:
+            self._freed_upto[request_id] = len(blocks)
         return new + super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+
+    def _worth_storing(self, num_blocks: int) -> bool:
+        return (
+            self.enable_caching
+            and self.block_pool.get_num_free_blocks() - num_blocks >= self._spare_floor
+        )
 
     def free(self, request_id: str) -> None:
         self._freed_upto.pop(request_id, None)
         super().free(request_id)
+
+    @classmethod
+    def reachable_block_mask(
+        cls,
+        start_block: int,
+        end_block: int,
+        alignment_tokens: int | None,
+        kv_cache_spec: KVCacheSpec,
+        use_eagle: bool,
+        retention_interval: int | None = None,
+        reachable_boundaries: Sequence[int] = (),
+        dcp_world_size: int = 1,
+        final_segment_end_block: int | None = None,
+    ) -> list[bool] | None:
+        """vLLM's sliding-window retention, plus the sink blocks, which every hit needs."""
+        mask = super().reachable_block_mask(
+            start_block, end_block, alignment_tokens, kv_cache_spec, use_eagle,
+            retention_interval, reachable_boundaries, dcp_world_size, final_segment_end_block,
+        )  # fmt: skip
+        if mask is None:
+            return None
+        assert isinstance(kv_cache_spec, DuoStreamingSpec)
+        for i in range(start_block, min(end_block, kv_cache_spec.num_sink_blocks)):
+            mask[i - start_block] = True
+        return mask
 
     @classmethod
     def find_longest_cache_hit(

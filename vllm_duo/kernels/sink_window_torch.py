@@ -109,8 +109,16 @@ def sink_window_attention(
                 k = _gather(key_cache, block_table[r], key_pos)
                 v = _gather(value_cache, block_table[r], key_pos)
             else:
-                k, v = _gather_mixed(key_cache, value_cache, new_keys, new_values,
-                                     block_table[r], key_pos, context_start, start)
+                k, v = _gather_mixed(
+                    key_cache,
+                    value_cache,
+                    new_keys,
+                    new_values,
+                    block_table[r],
+                    key_pos,
+                    context_start,
+                    start,
+                )
             q = query[tile:tile_end].transpose(0, 1)  # [G, Tq, D]
             out[tile:tile_end] = _attend(q, k, v, mask, scale).transpose(0, 1)
     return out.to(query.dtype)
