@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,10 @@ _SHARED = {}
 def _shared_vllm_cache(tmp_path_factory):
     """One VLLM_CACHE_ROOT per session: vLLM caches model inspection there (~13 s a start)."""
     _SHARED["cache"] = tmp_path_factory.mktemp("vllm-cache")
+    # vLLM puts ZMQ sockets under TMPDIR; their paths must stay under 107 bytes.
+    _SHARED["tmp"] = Path(tempfile.mkdtemp(prefix="vd", dir="/tmp"))
+    yield
+    shutil.rmtree(_SHARED["tmp"], ignore_errors=True)
 
 
 def engine_env(tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -57,7 +63,7 @@ def engine_env(tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, s
     cache = _SHARED.get("cache") or tmp_path / "vllm-cache"
     cache.mkdir(exist_ok=True)
     base.update(
-        TMPDIR=str(tmp_path),
+        TMPDIR=str(_SHARED.get("tmp") or tmp_path),
         VLLM_CACHE_ROOT=str(cache),
         HF_HUB_OFFLINE="1",
         VLLM_ENABLE_V1_MULTIPROCESSING="0",

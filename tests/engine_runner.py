@@ -37,9 +37,9 @@ def main(request_path: str, result_path: str) -> None:
     prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
     results = []
     batches = (request.get("sequential") and [[p] for p in prompts]) or [prompts]
-    all_ids = (
-        (request.get("sequential") and [[i] for i in request["prompts"]]) or [request["prompts"]]
-    )
+    all_ids = (request.get("sequential") and [[i] for i in request["prompts"]]) or [
+        request["prompts"]
+    ]
     for batch, batch_ids in zip(batches, all_ids):
         outputs = llm.generate(batch, params, use_tqdm=False)
         for ids, out in zip(batch_ids, outputs):

@@ -15,6 +15,8 @@ so it allocates nothing itself yet still receives attention metadata.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vllm_duo._vllm import (
@@ -45,8 +47,8 @@ class DuoHeadCache(AttentionLayerBase):
         *,
         layer_name: str,
         parent: Attention,
-        local_kv_head: int,
-        global_kv_head: int,
+        local_kv_head: int | None,
+        global_kv_head: int | None,
         retrieval: bool,
     ) -> None:
         self.layer_name = layer_name
@@ -81,6 +83,11 @@ class DuoHeadCache(AttentionLayerBase):
             num_sink_tokens=self.sink,
         )
 
+    @property
+    def is_padding(self) -> bool:
+        """A slot that only keeps KV specs equal across tensor-parallel ranks."""
+        return self.local_kv_head is None
+
     def __repr__(self) -> str:
         kind = "retrieval" if self.retrieval else "streaming"
         return f"DuoHeadCache({self.layer_name}, {kind})"
@@ -96,6 +103,37 @@ def global_kv_head(local: int, num_local: int, num_total: int, rank: int, world:
     return rank * num_total // world
 
 
+def cache_slots(retrieval: Sequence[bool], num_local: int, world: int) -> tuple[int, int]:
+    """(full-cache slots, streaming-cache slots) every rank declares for one layer.
+
+    vLLM needs identical KV cache specs on all tensor-parallel ranks, but ranks
+    hold different numbers of retrieval heads. Each rank declares the largest
+    count of each kind over all ranks; unused slots are padding.
+
+    Args:
+        retrieval: per global KV head of the layer, True for a retrieval head.
+        num_local: KV heads per rank.
+        world: tensor-parallel size.
+    """
+    total = len(retrieval)
+    counts = []
+    for rank in range(world):
+        heads = [global_kv_head(h, num_local, total, rank, world) for h in range(num_local)]
+        counts.append(sum(retrieval[h] for h in heads))
+    return max(counts), max(num_local - c for c in counts)
+
+
+def tp_padding(plan_heads, num_local: int, world: int) -> tuple[int, int]:
+    """(padding slots, real heads) per rank summed over layers, for the log and docs."""
+    padded = real = 0
+    for layer in range(plan_heads.num_layers):
+        retrieval = [h in plan_heads.retrieval[layer] for h in range(plan_heads.num_kv_heads)]
+        full, streaming = cache_slots(retrieval, num_local, world)
+        padded += full + streaming - num_local
+        real += num_local
+    return padded, real
+
+
 def attach_head_caches(layer: Attention) -> None:
     """Give a DUO ``Attention`` layer one :class:`DuoHeadCache` per local KV head."""
     impl = layer.impl
@@ -106,26 +144,40 @@ def attach_head_caches(layer: Attention) -> None:
     rank = get_tensor_model_parallel_rank()
     world = get_tensor_model_parallel_world_size()
     total = plan.heads.num_kv_heads
+    num_local = layer.num_kv_heads
+    retrieval = [plan.is_retrieval(layer_index, h) for h in range(total)]
+    mine = [global_kv_head(h, num_local, total, rank, world) for h in range(num_local)]
+    full_slots, streaming_slots = cache_slots(retrieval, num_local, world)
+    by_kind = {
+        True: [local for local, head in enumerate(mine) if retrieval[head]],
+        False: [local for local, head in enumerate(mine) if not retrieval[head]],
+    }
     forward_context = vllm_config.compilation_config.static_forward_context
     impl.sink = plan.settings.sink
     impl.recent = plan.settings.recent
     impl.head_caches = []
-    for local in range(layer.num_kv_heads):
-        head = global_kv_head(local, layer.num_kv_heads, total, rank, world)
-        name = f"{layer.layer_name}.duo_kv{local}"
-        cache = DuoHeadCache(
-            layer_name=name,
-            parent=layer,
-            local_kv_head=local,
-            global_kv_head=head,
-            retrieval=plan.is_retrieval(layer_index, head),
-        )
-        cache.sink = plan.settings.sink
-        cache.recent = plan.settings.recent
-        if name in forward_context:
-            raise ValueError(f"Duplicate layer name: {name}")
-        forward_context[name] = cache
-        impl.head_caches.append(cache)
-    # The layer allocates nothing itself; sharing its first head's cache makes
+    caches: list[DuoHeadCache] = []
+    for kind, slots in ((True, full_slots), (False, streaming_slots)):
+        for slot in range(slots):
+            locals_of_kind = by_kind[kind]
+            local = locals_of_kind[slot] if slot < len(locals_of_kind) else None
+            # Names are per slot, not per head, so every rank declares the same layers.
+            name = f"{layer.layer_name}.duo_{'full' if kind else 'stream'}{slot}"
+            cache = DuoHeadCache(
+                layer_name=name,
+                parent=layer,
+                local_kv_head=local,
+                global_kv_head=None if local is None else mine[local],
+                retrieval=kind,
+            )
+            cache.sink = plan.settings.sink
+            cache.recent = plan.settings.recent
+            if name in forward_context:
+                raise ValueError(f"Duplicate layer name: {name}")
+            forward_context[name] = cache
+            caches.append(cache)
+            if local is not None:
+                impl.head_caches.append(cache)
+    # The layer allocates nothing itself; sharing its first head cache makes
     # vLLM skip its KV spec and still hand it attention metadata each step.
-    layer.kv_sharing_target_layer_name = impl.head_caches[0].layer_name
+    layer.kv_sharing_target_layer_name = caches[0].layer_name

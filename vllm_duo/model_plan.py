@@ -68,11 +68,19 @@ def plan_for(vllm_config: VllmConfig, settings: DuoSettings | None = None) -> Du
         if plan is None:
             plan = _build(settings, model_id, num_layers, num_kv_heads)
             _plans[key] = plan
-            from vllm_duo.companion import STREAMING_CACHE_BOUNDED
+            from vllm_duo.companion import STREAMING_CACHE_BOUNDED, tp_padding
 
             logger.info(
                 plan.log_line(vllm_config.model_config.max_model_len, STREAMING_CACHE_BOUNDED)
             )
+            world = vllm_config.parallel_config.tensor_parallel_size
+            if world > 1:
+                padded, real = tp_padding(plan.heads, max(num_kv_heads // world, 1), world)
+                logger.info(
+                    "DuoAttention: tensor_parallel_size=%d pads %d head caches per rank onto %d "
+                    "real ones (+%.1f%% KV slots) so all ranks declare equal KV specs",
+                    world, padded, real, 100.0 * padded / real,
+                )  # fmt: skip
     return plan
 
 
