@@ -77,6 +77,7 @@ class _Probe:
         self.streaming = [m for m in managers if isinstance(m.kv_cache_spec, DuoStreamingSpec)]
         self.full = [m for m in managers if not isinstance(m.kv_cache_spec, DuoStreamingSpec)]
         self.max_streaming_decode = 0
+        self.streaming_decode_series: list[int] = []
         self.max_streaming_any = 0
         self.max_full = 0
         self.preemptions = 0
@@ -99,6 +100,7 @@ class _Probe:
 
     def _look(self) -> None:
         self.max_running = max(self.max_running, len(self.scheduler.running))
+        step_max = -1
         for manager in self.streaming + self.full:
             for req_id, blocks in manager.req_to_blocks.items():
                 live = sum(not b.is_null for b in blocks)
@@ -109,12 +111,16 @@ class _Probe:
                 self.max_streaming_any = max(self.max_streaming_any, live)
                 if request is not None and request.num_computed_tokens >= request.num_prompt_tokens:
                     self.max_streaming_decode = max(self.max_streaming_decode, live)
+                    step_max = max(step_max, live)
+        if step_max >= 0:
+            self.streaming_decode_series.append(step_max)
 
     def report(self) -> dict:
         return {
             "num_streaming_groups": len(self.streaming),
             "num_full_groups": len(self.full),
             "max_streaming_blocks_decode": self.max_streaming_decode,
+            "streaming_decode_series": self.streaming_decode_series,
             "max_streaming_blocks": self.max_streaming_any,
             "max_full_blocks": self.max_full,
             "preemptions": self.preemptions,

@@ -426,7 +426,7 @@ def _cmd_patterns_show(args: argparse.Namespace) -> int:
         title_lines = [
             name,
             selection.split(" (")[0],
-            f"{plan.num_retrieval}/{total} retrieval (dots)",
+            f"{plan.num_retrieval}/{total} retrieval (outlined)",
         ]
         title = _wrap_title(title_lines, kv_heads)
         try:

@@ -47,14 +47,18 @@ class DuoHeadCache(AttentionLayerBase):
         *,
         layer_name: str,
         parent: Attention,
-        local_kv_head: int | None,
-        global_kv_head: int | None,
+        local_kv_head: int,
+        global_kv_head: int,
         retrieval: bool,
+        full_context: bool,
     ) -> None:
         self.layer_name = layer_name
         self.local_kv_head = local_kv_head
         self.global_kv_head = global_kv_head
         self.retrieval = retrieval
+        """Attention kind: full context, or sink + window."""
+        self.full_context = full_context
+        """Cache kind: keeps every token (FullAttentionSpec) or sink + window only."""
         # vLLM sizes per-group kernel scratch from a layer's query head count.
         self.num_heads = parent.num_heads // parent.num_kv_heads
         self.num_kv_heads = 1
@@ -70,7 +74,7 @@ class DuoHeadCache(AttentionLayerBase):
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
         block_size = vllm_config.cache_config.block_size
-        if self.retrieval:
+        if self.full_context:
             return FullAttentionSpec(
                 block_size=block_size, num_kv_heads=1, head_size=self.head_size, dtype=self.dtype
             )
@@ -82,11 +86,6 @@ class DuoHeadCache(AttentionLayerBase):
             sliding_window=self.recent,
             num_sink_tokens=self.sink,
         )
-
-    @property
-    def is_padding(self) -> bool:
-        """A slot that only keeps KV specs equal across tensor-parallel ranks."""
-        return self.local_kv_head is None
 
     def __repr__(self) -> str:
         kind = "retrieval" if self.retrieval else "streaming"
@@ -104,34 +103,52 @@ def global_kv_head(local: int, num_local: int, num_total: int, rank: int, world:
 
 
 def cache_slots(retrieval: Sequence[bool], num_local: int, world: int) -> tuple[int, int]:
-    """(full-cache slots, streaming-cache slots) every rank declares for one layer.
+    """(full-context slots, sink+window slots) every rank declares for one layer.
 
-    vLLM needs identical KV cache specs on all tensor-parallel ranks, but ranks
-    hold different numbers of retrieval heads. Each rank declares the largest
-    count of each kind over all ranks; unused slots are padding.
+    vLLM needs identical KV cache specs on all tensor-parallel ranks (one
+    scheduler, one block table per group), but ranks hold different numbers of
+    retrieval heads. Each rank declares as many full-context slots as the rank
+    with the most retrieval heads needs, and the rest as sink+window slots; a
+    rank with fewer retrieval heads puts its extra streaming heads in full
+    slots, where they keep every token but still attend to sink + window only.
+    So no slot is ever unused.
 
     Args:
         retrieval: per global KV head of the layer, True for a retrieval head.
         num_local: KV heads per rank.
         world: tensor-parallel size.
     """
+    counts = _retrieval_per_rank(retrieval, num_local, world)
+    return max(counts), num_local - max(counts)
+
+
+def _retrieval_per_rank(retrieval: Sequence[bool], num_local: int, world: int) -> list[int]:
     total = len(retrieval)
-    counts = []
-    for rank in range(world):
-        heads = [global_kv_head(h, num_local, total, rank, world) for h in range(num_local)]
-        counts.append(sum(retrieval[h] for h in heads))
-    return max(counts), max(num_local - c for c in counts)
+    return [
+        sum(retrieval[global_kv_head(h, num_local, total, rank, world)] for h in range(num_local))
+        for rank in range(world)
+    ]
 
 
-def tp_padding(plan_heads, num_local: int, world: int) -> tuple[int, int]:
-    """(padding slots, real heads) per rank summed over layers, for the log and docs."""
-    padded = real = 0
+def tp_overflow(
+    plan_heads, num_local: int, world: int, context_len: int, sink: int, recent: int
+) -> tuple[int, float]:
+    """(streaming heads per rank stored in full slots, extra KV bytes vs. TP=1).
+
+    Bytes are counted at ``context_len`` tokens per request: a full slot holds
+    the whole context, a sink+window slot at most ``sink + recent`` tokens.
+    """
+    kept = min(context_len, sink + recent)
+    overflow = 0
+    extra = real = 0.0
     for layer in range(plan_heads.num_layers):
         retrieval = [h in plan_heads.retrieval[layer] for h in range(plan_heads.num_kv_heads)]
-        full, streaming = cache_slots(retrieval, num_local, world)
-        padded += full + streaming - num_local
-        real += num_local
-    return padded, real
+        counts = _retrieval_per_rank(retrieval, num_local, world)
+        for count in counts:
+            overflow += max(counts) - count
+            extra += (max(counts) - count) * (context_len - kept)
+            real += count * context_len + (num_local - count) * kept
+    return overflow // world, extra / real
 
 
 def attach_head_caches(layer: Attention) -> None:
@@ -148,36 +165,37 @@ def attach_head_caches(layer: Attention) -> None:
     retrieval = [plan.is_retrieval(layer_index, h) for h in range(total)]
     mine = [global_kv_head(h, num_local, total, rank, world) for h in range(num_local)]
     full_slots, streaming_slots = cache_slots(retrieval, num_local, world)
-    by_kind = {
-        True: [local for local, head in enumerate(mine) if retrieval[head]],
-        False: [local for local, head in enumerate(mine) if not retrieval[head]],
+    retrieval_locals = [local for local, head in enumerate(mine) if retrieval[head]]
+    streaming_locals = [local for local, head in enumerate(mine) if not retrieval[head]]
+    # Streaming heads fill the sink+window slots first; any left over (this rank
+    # has fewer retrieval heads than another) take the remaining full slots.
+    slot_heads = {
+        True: retrieval_locals + streaming_locals[streaming_slots:],
+        False: streaming_locals[:streaming_slots],
     }
     forward_context = vllm_config.compilation_config.static_forward_context
     impl.sink = plan.settings.sink
     impl.recent = plan.settings.recent
     impl.head_caches = []
-    caches: list[DuoHeadCache] = []
-    for kind, slots in ((True, full_slots), (False, streaming_slots)):
-        for slot in range(slots):
-            locals_of_kind = by_kind[kind]
-            local = locals_of_kind[slot] if slot < len(locals_of_kind) else None
+    for full_slot in (True, False):
+        for slot, local in enumerate(slot_heads[full_slot]):
             # Names are per slot, not per head, so every rank declares the same layers.
-            name = f"{layer.layer_name}.duo_{'full' if kind else 'stream'}{slot}"
+            name = f"{layer.layer_name}.duo_{'full' if full_slot else 'stream'}{slot}"
             cache = DuoHeadCache(
                 layer_name=name,
                 parent=layer,
                 local_kv_head=local,
-                global_kv_head=None if local is None else mine[local],
-                retrieval=kind,
+                global_kv_head=mine[local],
+                retrieval=retrieval[mine[local]],
+                full_context=full_slot,
             )
             cache.sink = plan.settings.sink
             cache.recent = plan.settings.recent
             if name in forward_context:
                 raise ValueError(f"Duplicate layer name: {name}")
             forward_context[name] = cache
-            caches.append(cache)
-            if local is not None:
-                impl.head_caches.append(cache)
+            impl.head_caches.append(cache)
+    assert len(impl.head_caches) == num_local == full_slots + streaming_slots
     # The layer allocates nothing itself; sharing its first head cache makes
     # vLLM skip its KV spec and still hand it attention metadata each step.
-    layer.kv_sharing_target_layer_name = caches[0].layer_name
+    layer.kv_sharing_target_layer_name = impl.head_caches[0].layer_name

@@ -68,18 +68,24 @@ def plan_for(vllm_config: VllmConfig, settings: DuoSettings | None = None) -> Du
         if plan is None:
             plan = _build(settings, model_id, num_layers, num_kv_heads)
             _plans[key] = plan
-            from vllm_duo.companion import STREAMING_CACHE_BOUNDED, tp_padding
+            from vllm_duo.companion import STREAMING_CACHE_BOUNDED, tp_overflow
 
             logger.info(
                 plan.log_line(vllm_config.model_config.max_model_len, STREAMING_CACHE_BOUNDED)
             )
             world = vllm_config.parallel_config.tensor_parallel_size
             if world > 1:
-                padded, real = tp_padding(plan.heads, max(num_kv_heads // world, 1), world)
+                num_local = max(num_kv_heads // world, 1)
+                overflow, extra = tp_overflow(
+                    plan.heads, num_local, world, vllm_config.model_config.max_model_len,
+                    settings.sink, settings.recent,
+                )  # fmt: skip
                 logger.info(
-                    "DuoAttention: tensor_parallel_size=%d pads %d head caches per rank onto %d "
-                    "real ones (+%.1f%% KV slots) so all ranks declare equal KV specs",
-                    world, padded, real, 100.0 * padded / real,
+                    "DuoAttention: tensor_parallel_size=%d stores %d of its %d head caches per "
+                    "rank with full context (streaming heads in full slots) so all ranks declare "
+                    "equal KV specs: "
+                    "+%.1f%% KV bytes",
+                    world, overflow, num_layers * num_local, 100.0 * extra,
                 )  # fmt: skip
     return plan
 

@@ -643,8 +643,21 @@ def render_png(
     axes = figure.add_subplot()
     image = axes.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     if mask is not None:
+        from matplotlib.patches import Rectangle
+
         rows, cols = np.nonzero(np.asarray(mask, dtype=bool))
-        axes.scatter(cols, rows, s=6, c="white", marker="o", linewidths=0)
+        # Outlined cells stay visible on every colour of the map, bright or dark.
+        for row, col in zip(rows, cols):
+            axes.add_patch(
+                Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2)
+            )
+        axes.legend(
+            handles=[Rectangle((0, 0), 1, 1, fill=False, edgecolor="red", label="retrieval head")],
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.08 - 0.5 / max(layers, 1)),
+            fontsize="small",
+            frameon=False,
+        )
     axes.set_xlabel("KV head")
     axes.set_ylabel("layer")
     if title:
