@@ -32,7 +32,8 @@ def _paged(keys: list[torch.Tensor], block_size: int, num_blocks: int, seed: int
     return cache, table
 
 
-def _case(seq_lens, query_lens, group, sink, recent, block_size, dtype, seed, null_middle):
+def _case(seq_lens, query_lens, group, sink, recent, block_size, dtype, seed, null_middle,
+          step_kv=False):  # fmt: skip
     torch.manual_seed(seed)
     head_size = 32
     keys = [torch.randn(n, head_size) for n in seq_lens]
@@ -56,9 +57,15 @@ def _case(seq_lens, query_lens, group, sink, recent, block_size, dtype, seed, nu
     for q in query_lens:
         qsl.append(qsl[-1] + q)
     query = torch.cat(queries).to(dtype)
+    step = {}
+    if step_kv:
+        step["new_keys"] = torch.cat([k[n - q :] for k, n, q in zip(keys, seq_lens, query_lens)])
+        step["new_values"] = torch.cat(
+            [v[n - q :] for v, n, q in zip(values, seq_lens, query_lens)]
+        )
     out = sink_window_attention(
         query, k_cache.to(dtype), v_cache.to(dtype), table, qsl, list(seq_lens),
-        sink=sink, recent=recent, scale=head_size**-0.5, query_tile=7,
+        sink=sink, recent=recent, scale=head_size**-0.5, query_tile=7, **step,
     )  # fmt: skip
     for r, n in enumerate(seq_lens):
         q_len = query_lens[r]
@@ -79,6 +86,14 @@ def _case(seq_lens, query_lens, group, sink, recent, block_size, dtype, seed, nu
 def test_mixed_prefill_and_decode(dtype, null_middle):
     _case(seq_lens=[1, 7, 45, 333, 130], query_lens=[1, 7, 1, 29, 1], group=7, sink=5,
           recent=11, block_size=16, dtype=dtype, seed=1, null_middle=null_middle)  # fmt: skip
+
+
+def test_chunk_keys_from_the_step_when_its_blocks_are_null():
+    """The bounded cache never allocates chunk blocks that leave the window in the step."""
+    _case(seq_lens=[333, 200, 64], query_lens=[129, 1, 64], group=7, sink=5, recent=1,
+          block_size=16, dtype=torch.float32, seed=4, null_middle=True, step_kv=True)  # fmt: skip
+    _case(seq_lens=[333, 90], query_lens=[200, 1], group=3, sink=9, recent=40,
+          block_size=32, dtype=torch.float32, seed=5, null_middle=True, step_kv=True)  # fmt: skip
 
 
 def test_sink_zero_and_window_larger_than_sequence():
