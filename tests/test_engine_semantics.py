@@ -125,3 +125,24 @@ def test_duo_really_changes_attention(tmp_path, tiny_gqa, gqa_pattern):
     # Within S+W the masks agree, past it they must not.
     assert diff[: SINK + RECENT - 2].max() < 1e-4
     assert diff[SINK + RECENT :].max() > 1e-2
+
+
+def test_bf16_llama3_head_layout(tmp_path, tmp_path_factory):
+    """32 query heads over 8 KV heads in bf16 (vLLM's AMX kernel path where available).
+
+    The model's own layers must not ask vLLM's kernel for metadata: it would see 32
+    query heads on their one-head cache, a ratio the AMX kernel rejects.
+    """
+    from vllm_duo.testing.tiny_llama import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path_factory.getbasetemp() / "tiny-32x8", num_layers=2,
+                             num_heads=32, num_kv_heads=8, dtype="bfloat16")  # fmt: skip
+    pattern = write_pattern(tmp_path / "p", [[0.9, 0.1] * 4, [0.2, 0.8] * 4])
+    prompts = _prompts([70, 300], seed=70)
+    kwargs = {"dtype": "bfloat16", "prompt_logprobs": False, "max_tokens": 8}
+    stock = run_engine(tmp_path, model, prompts, attention_backend="CPU_ATTN", **kwargs)
+    zero = run_engine(tmp_path, model, prompts, env=_duo_env(pattern, VLLM_DUO_SPARSITY=0),
+                      **kwargs)  # fmt: skip
+    half = run_engine(tmp_path, model, prompts, env=_duo_env(pattern), **kwargs)
+    assert [o["tokens"] for o in zero["outputs"]] == [o["tokens"] for o in stock["outputs"]]
+    assert all(len(o["tokens"]) == 8 for o in half["outputs"])

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from vllm_duo._vllm import (
+    Attention,
     AttentionBackend,
     AttentionCGSupport,
     AttentionImpl,
@@ -33,6 +34,7 @@ from vllm_duo._vllm import (
     VllmConfig,
     current_platform,
     get_forward_context,
+    get_layers_from_vllm_config,
     ops,
 )
 from vllm_duo.errors import DuoConfigError
@@ -83,8 +85,14 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._cpu = CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
-        # Streaming groups never run vLLM's kernel: skip its per-step scheduling.
-        self._streaming = isinstance(kv_cache_spec, DuoStreamingSpec)
+        # vLLM's kernel runs only on retrieval head caches: streaming groups and the
+        # model's own Attention layers (which share a head cache only to receive
+        # metadata) skip its per-step scheduling, which would also reject their
+        # query-heads-per-KV-head ratio.
+        model_layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+        self._needs_kernel_metadata = not (
+            isinstance(kv_cache_spec, DuoStreamingSpec) or model_layers
+        )
 
     def build(
         self,
@@ -93,7 +101,11 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
         fast_build: bool = False,
     ) -> DuoMetadata:
         cm = common_attn_metadata
-        retrieval = None if self._streaming else self._cpu.build(common_prefix_len, cm, fast_build)
+        retrieval = (
+            self._cpu.build(common_prefix_len, cm, fast_build)
+            if self._needs_kernel_metadata
+            else None
+        )
         return DuoMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc_host=cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist(),
