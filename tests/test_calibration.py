@@ -14,13 +14,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vllm_duo.calibration.data import PasskeyDataset
 from vllm_duo.calibration.gated_attention import (
     HOLDER_ATTR,
     GateHolder,
+    _tile_plan,
     gated_attention_forward,
     streaming_attention,
 )
@@ -97,7 +98,7 @@ def test_passkey_prompt_too_short_names_min_len(tokenizer):
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     seq_len=st.integers(1, 70),
     sink=st.integers(0, 12),
@@ -106,17 +107,30 @@ def test_passkey_prompt_too_short_names_min_len(tokenizer):
     kv_heads=st.sampled_from([1, 2]),
     group=st.sampled_from([1, 3]),
 )
+@example(seq_len=5, sink=0, recent=1, tile=3, kv_heads=1, group=1)  # padding rows, no sinks
+@example(seq_len=64, sink=4, recent=16, tile=64, kv_heads=2, group=3)  # one tile
 def test_tiled_streaming_attention_matches_reference(seq_len, sink, recent, tile, kv_heads, group):
+    """Outputs and gradients equal the dense reference (padding tiles included)."""
     gen = torch.Generator().manual_seed(seq_len * 1000 + sink * 31 + recent)
-    q = torch.randn(2, kv_heads * group, seq_len, 8, generator=gen)
-    k = torch.randn(2, kv_heads, seq_len, 8, generator=gen)
-    v = torch.randn(2, kv_heads, seq_len, 8, generator=gen)
+    q = torch.randn(2, kv_heads * group, seq_len, 8, generator=gen, requires_grad=True)
+    k = torch.randn(2, kv_heads, seq_len, 8, generator=gen, requires_grad=True)
+    v = torch.randn(2, kv_heads, seq_len, 8, generator=gen, requires_grad=True)
+    weights = torch.randn(q.shape, generator=gen)
     out = streaming_attention(q, k, v, sink=sink, recent=recent, scale=0.5, tile=tile)
-    for b in range(2):
-        ref = duo_attention(
-            q[b], k[b], v[b], [True] * kv_heads, sink=sink, recent=recent, scale=0.5
-        )
-        torch.testing.assert_close(out[b], ref, atol=2e-6, rtol=1e-5)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    ref = torch.stack(
+        [
+            duo_attention(q[b], k[b], v[b], [True] * kv_heads, sink=sink, recent=recent, scale=0.5)
+            for b in range(2)
+        ]
+    )
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # No all-masked row, padding rows included (some SDPA kernels return NaN for those).
+    _, visible = _tile_plan(seq_len, sink, recent, min(tile, seq_len), "cpu")
+    assert visible.any(dim=-1).all()
 
 
 def test_gated_hook_mixes_full_and_streaming_per_kv_head():
@@ -138,6 +152,38 @@ def test_gated_hook_mixes_full_and_streaming_per_kv_head():
     with holder.teacher():
         teacher, _ = gated_attention_forward(module, q, k, v, None, scaling=0.4)
     torch.testing.assert_close(teacher[0].transpose(0, 1), full, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gate", [0.0, 1.0])
+def test_gated_model_matches_the_reference_model(tiny2, gate):
+    """Through a whole transformers model: gates 0 = all-streaming reference, 1 = full."""
+    from transformers import AutoModel
+
+    from vllm_duo.calibration.gated_attention import attach_gates, register_attention
+    from vllm_duo.reference import ReferencePattern, use_reference_pattern
+
+    ids = torch.tensor([list(range(10, 130))])
+    gated = AutoModel.from_pretrained(
+        tiny2, local_files_only=True, attn_implementation=register_attention()
+    )
+    attach_gates(gated, GateHolder(gates=torch.full((2, 2), gate), sink=4, recent=16, tile=32))
+    outputs = {}
+    # The reference pattern is process-global: put back whatever another test installed.
+    saved = (ReferencePattern.streaming, ReferencePattern.sink, ReferencePattern.recent)
+    try:
+        for retrieval in (True, False):
+            name = use_reference_pattern(np.full((2, 2), retrieval), sink=4, recent=16)
+            model = AutoModel.from_pretrained(
+                tiny2, local_files_only=True, attn_implementation=name
+            )
+            with torch.no_grad():
+                outputs[retrieval] = model(input_ids=ids).last_hidden_state
+    finally:
+        ReferencePattern.streaming, ReferencePattern.sink, ReferencePattern.recent = saved
+    with torch.no_grad():
+        got = gated(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, outputs[gate == 1.0], atol=1e-4, rtol=1e-4)
+    assert (outputs[True] - outputs[False]).abs().max() > 0.1  # the two really differ
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +283,11 @@ def test_bad_paths_name_the_argument(tiny2, tmp_path):
         calibrate(_config(tiny2, tmp_path / "fresh", resume=True))
     with pytest.raises(DuoConfigError, match="--min-len=30 is too short"):
         calibrate(_config(tiny2, tmp_path / "out", min_len=30))
+    with pytest.raises(DuoConfigError, match="--max-len=9000 exceeds the model's max_position"):
+        calibrate(_config(tiny2, tmp_path / "out", max_len=9000))
+    if not torch.cuda.is_available():
+        with pytest.raises(DuoConfigError, match="--device=cuda: CUDA is not available"):
+            calibrate(_config(tiny2, tmp_path / "out", device="cuda"))
 
 
 # --------------------------------------------------------------------------------------------

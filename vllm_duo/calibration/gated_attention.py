@@ -178,10 +178,12 @@ def _tile_plan(
     slots = torch.cat((sink_slots, window_slots), dim=1)  # [n, keys]
     in_window_part = torch.arange(slots.shape[1], device=device) >= sink
     valid = (slots >= 0) & (slots < seq_len) & ~(in_window_part & (slots < sink))
-    queries = starts[:, :, None] + torch.arange(tile, device=device)  # [n, tile, 1] -> [n, tile]
-    queries = queries.view(num_tiles, tile, 1)
-    keys = slots[:, None, :]
-    visible = valid[:, None, :] & (keys <= queries) & ((keys < sink) | (keys > queries - recent))
+    queries = (starts + torch.arange(tile, device=device))[:, :, None]  # [n, tile, 1]
+    keys = slots[:, None, :]  # [n, 1, keys]
+    seen = (keys <= queries) & ((keys < sink) | (keys > queries - recent))
+    # Padding rows (past T) see every real key of their tile: never an all-masked row, whose
+    # NaN would leak into the gradients even though the row itself is dropped.
+    visible = valid[:, None, :] & (seen | (queries >= seq_len))
     return slots.clamp(0, seq_len - 1), visible[:, None]
 
 
@@ -219,6 +221,11 @@ def gated_attention_forward(
         )
     if dropout:
         raise RuntimeError(f"calibration attention needs dropout 0, got {dropout}")
+    if key.shape[-2] != query.shape[-2]:
+        raise RuntimeError(
+            f"calibration attention runs whole sequences without a KV cache (use_cache=False); "
+            f"got {query.shape[-2]} queries and {key.shape[-2]} keys"
+        )
     num_q_heads, num_kv_heads = query.shape[1], key.shape[1]
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     gqa = num_q_heads != num_kv_heads

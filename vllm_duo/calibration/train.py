@@ -337,6 +337,7 @@ def _load_tokenizer(config: CalibrationConfig) -> tuple[Any, dict[str, int]]:
 
 def _load_model(config: CalibrationConfig) -> Any:
     """The frozen decoder (the base model, no LM head) with the gated attention hook."""
+    import torch
     from transformers import AutoModel
 
     from vllm_duo.calibration.gated_attention import register_attention
@@ -350,6 +351,13 @@ def _load_model(config: CalibrationConfig) -> Any:
         )
     model.to(config.device)
     model.requires_grad_(False)
+    # The student runs in training mode (gradient checkpointing needs it): make that
+    # deterministic and identical to the teacher by switching every dropout off.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Only the gates need gradients; the embedding-output hook added for reentrant
     # checkpointing would make backward compute an unused input gradient.
