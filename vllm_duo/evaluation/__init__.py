@@ -1,0 +1,1 @@
+"""Accuracy evaluation helpers (pure: no vLLM import)."""
