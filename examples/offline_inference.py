@@ -22,15 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_duo.evaluation.passkey import ANSWER_PREFIX, make_case
+
 PASSKEY = "71432"
-NEEDLE = f"The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key."
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
-INSTRUCTION = "Find the pass key hidden in the text below."
-QUESTION = "What is the pass key? Answer with the number only."
-ANSWER_PREFIX = "The pass key is"
-"""Appended after the assistant tag so the reply starts where the number goes."""
 BUNDLED_DEFAULT_PATTERN = "SmolLM2-135M-Instruct"
 
 logger = logging.getLogger("offline_inference")
@@ -144,22 +138,12 @@ def choose_pattern(args: argparse.Namespace, model_dir: Path | None) -> str:
 
 
 def build_prompt(tokenizer, context_tokens: int, depth: float) -> str:
-    """Chat prompt of about ``context_tokens`` tokens with the needle at ``depth`` of the filler.
+    """Chat prompt of about ``context_tokens`` tokens with the pass key at ``depth``.
 
-    The assistant turn is opened and primed with "The pass key is", so a model that found the
-    needle answers with the number straight away (greedy decoding, no chatter to parse).
+    Built by the accuracy harness's case maker: the assistant turn is primed with "The pass key
+    is", so a model that found the needle answers with the number straight away.
     """
-    filler_tokens = len(tokenizer.encode(FILLER, add_special_tokens=False))
-    frame = f"{INSTRUCTION}\n\n{NEEDLE}\n\n{QUESTION} {ANSWER_PREFIX}"
-    overhead = len(tokenizer.encode(frame, add_special_tokens=False)) + 40  # + chat template
-    repeats = max(1, (context_tokens - overhead) // filler_tokens)
-    before = round(repeats * depth)
-    haystack = FILLER * before + NEEDLE + " " + FILLER * (repeats - before)
-    content = f"{INSTRUCTION}\n\n{haystack.strip()}\n\n{QUESTION}"
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
-    return chat + ANSWER_PREFIX
+    return make_case(tokenizer, context_tokens, depth, seed=0, passkey=PASSKEY).prompt
 
 
 def main(argv: list[str] | None = None) -> int:

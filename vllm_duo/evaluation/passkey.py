@@ -38,9 +38,15 @@ class PasskeyCase:
         return self.passkey in digits
 
 
-def make_case(tokenizer: Any, length: int, depth: float, seed: int) -> PasskeyCase:
-    """A chat prompt of about ``length`` tokens with a 5-digit key at ``depth`` of the filler."""
-    passkey = str(random.Random(f"{seed}-{length}-{depth}").randrange(10000, 100000))
+def make_case(
+    tokenizer: Any, length: int, depth: float, seed: int, passkey: str | None = None
+) -> PasskeyCase:
+    """A chat prompt of about ``length`` tokens with a 5-digit key at ``depth`` of the filler.
+
+    The key is drawn from ``seed`` unless ``passkey`` is given.
+    """
+    if passkey is None:
+        passkey = str(random.Random(f"{seed}-{length}-{depth}").randrange(10000, 100000))
     needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
     filler_tokens = len(tokenizer.encode(FILLER, add_special_tokens=False))
     frame = f"{INSTRUCTION}\n\n{needle}\n\n{QUESTION} {ANSWER_PREFIX}"
