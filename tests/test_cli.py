@@ -81,7 +81,8 @@ def test_list_shows_every_bundled_pattern(capsys: pytest.CaptureFixture[str]) ->
     assert "mistralai/Mixtral-8x7B-Instruct-v0.1" in rows["Mixtral-8x7B-Instruct-v0.1"]
     # The second model id of Llama 3.1 is listed too (on a continuation row).
     assert "meta-llama/Llama-3.1-8B-Instruct" in out
-    assert len(rows) == 7
+    assert len(rows) == 8
+    assert re.search(r"30 x 3\s+9\s+64\s+0\.5$", rows["SmolLM2-135M-Instruct"])
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -42,7 +42,7 @@ from vllm_duo.patterns import (
 REPO = Path(__file__).resolve().parent.parent
 COUNTS_FILE = Path(__file__).resolve().parent / "data" / "bundled_pattern_counts.json"
 PURE_MODULES = ("errors.py", "settings.py", "patterns.py")
-EXPECTED_BUNDLED = {
+UPSTREAM_BUNDLED = {
     "Llama-2-7B-32K-Instruct",
     "Llama-3-8B-Instruct-Gradient-1048k",
     "Llama-3-8B-Instruct-Gradient-4194k",
@@ -51,6 +51,9 @@ EXPECTED_BUNDLED = {
     "Mistral-7B-Instruct-v0.3",
     "Mixtral-8x7B-Instruct-v0.1",
 }
+# Made with `vllm-duo calibrate` (see patterns/README.md).
+CALIBRATED_BUNDLED = {"SmolLM2-135M-Instruct"}
+EXPECTED_BUNDLED = UPSTREAM_BUNDLED | CALIBRATED_BUNDLED
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,7 +508,7 @@ def test_bundled_pattern_loads_and_matches_summary(bundled: BundledPattern) -> N
     assert list(gates.shape) == expected["shape"]
     check_shape(gates, bundled.num_layers, bundled.num_kv_heads, bundled.name)
     assert bundled.shape["num_attention_heads"] % bundled.shape["num_kv_heads"] == 0
-    assert bundled.shape["head_size"] == 128
+    assert bundled.shape["head_size"] == (64 if bundled.name in CALIBRATED_BUNDLED else 128)
     assert bundled.recommended_sparsity == expected["sparsity"] == 0.5
     assert bundled.model_ids
     plan = HeadPlan.from_mask(select_retrieval(gates, sparsity=bundled.recommended_sparsity))
@@ -514,7 +517,7 @@ def test_bundled_pattern_loads_and_matches_summary(bundled: BundledPattern) -> N
     for name, digest in expected["sha256"].items():
         assert hashlib.sha256((bundled.path / name).read_bytes()).hexdigest() == digest, name
     config = json.loads((bundled.path / "config.json").read_text())
-    assert config["sink_size"] == 128
+    assert config["sink_size"] == (64 if bundled.name in CALIBRATED_BUNDLED else 128)
     assert config["recent_size"] == 256
 
 
@@ -532,7 +535,7 @@ def test_upstream_copies_are_byte_identical() -> None:
     upstream = REPO.parent / "shared" / "upstream-patterns"
     if not upstream.is_dir():
         pytest.skip("upstream pattern folder not available (only in the development workspace)")
-    for name in EXPECTED_BUNDLED:
+    for name in UPSTREAM_BUNDLED:
         for file in (GATES_FILE, "config.json"):
             assert (REPO / "patterns" / name / file).read_bytes() == (
                 upstream / name / file
@@ -594,9 +597,9 @@ def test_resolve_errors(tmp_path: Path) -> None:
     assert str(tmp_path) in str(info.value)
 
     with pytest.raises(DuoConfigError) as info:
-        resolve_pattern(None, "HuggingFaceTB/SmolLM2-135M-Instruct", (30, 3))
+        resolve_pattern(None, "HuggingFaceTB/SmolLM2-360M-Instruct", (32, 5))
     message = str(info.value)
-    for fragment in ("SmolLM2-135M-Instruct", "30x3", "VLLM_DUO_PATTERN", GATES_FILE):
+    for fragment in ("SmolLM2-360M-Instruct", "32x5", "VLLM_DUO_PATTERN", GATES_FILE):
         assert fragment in message
     assert all(name in message for name in names)
     assert "\n" not in message
