@@ -22,6 +22,7 @@ from vllm_duo._vllm import (
     AttentionBackend,
     AttentionCGSupport,
     AttentionImpl,
+    AttentionLayerBase,
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
@@ -85,13 +86,16 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._cpu = CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
-        # vLLM's kernel runs only on retrieval head caches: streaming groups and the
-        # model's own Attention layers (which share a head cache only to receive
-        # metadata) skip its per-step scheduling, which would also reject their
-        # query-heads-per-KV-head ratio.
-        model_layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
-        self._needs_kernel_metadata = not (
-            isinstance(kv_cache_spec, DuoStreamingSpec) or model_layers
+        # vLLM's kernel runs only on retrieval head caches. A group holding none (a
+        # streaming group, or only the model's own Attention layers, which share a head
+        # cache just to receive metadata) skips its per-step scheduling, which would
+        # also reject the model layers' query-heads-per-KV-head ratio. When the model's
+        # layers land in the same group (equal query-head counts, e.g. one KV head per
+        # rank) the metadata fits the head caches, whose ratio it then has.
+        layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, layer_names)
+        head_caches = [layer for layer in layers.values() if not isinstance(layer, Attention)]
+        self._needs_kernel_metadata = bool(head_caches) and not isinstance(
+            kv_cache_spec, DuoStreamingSpec
         )
 
     def build(
