@@ -11,7 +11,6 @@ import threading
 from dataclasses import dataclass
 
 from vllm_duo._vllm import VllmConfig, init_logger
-from vllm_duo.errors import DuoConfigError
 from vllm_duo.patterns import HeadPlan, check_shape, load_gates, resolve_pattern, select_retrieval
 from vllm_duo.settings import DuoSettings
 
@@ -98,6 +97,4 @@ def _build(
     check_shape(gates, num_layers, num_kv_heads, source)
     mask = select_retrieval(gates, **settings.selection_kwargs())
     heads = HeadPlan.from_mask(mask)
-    if heads.num_layers != num_layers:  # pragma: no cover - check_shape guarantees it
-        raise DuoConfigError(f"pattern {source} does not fit {num_layers} layers")
     return DuoModelPlan(settings=settings, heads=heads, source=source)

@@ -155,14 +155,11 @@ class DuoStreamingManager(SlidingWindowManager):
         )  # fmt: skip
         blocks = self.req_to_blocks[request_id]
         # The base nulls everything before the window; put the sinks back.
-        sinks = [
-            block
-            for i, block in enumerate(new_computed_blocks[: self.num_sink_blocks])
-            if blocks[i].is_null and not block.is_null
-        ]
+        sinks = []
         for i, block in enumerate(new_computed_blocks[: self.num_sink_blocks]):
             if blocks[i].is_null and not block.is_null:
                 blocks[i] = block
+                sinks.append(block)
         if sinks and self.enable_caching:
             self.block_pool.touch(sinks)
         skipped = self.get_num_skipped_tokens(
