@@ -39,7 +39,11 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.core.block_pool import BlockPool
-from vllm.v1.core.kv_cache_utils import KVCacheBlock, resolve_block_hashes
+from vllm.v1.core.kv_cache_utils import (
+    KVCacheBlock,
+    get_max_concurrency_for_kv_cache_config,
+    resolve_block_hashes,
+)
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
@@ -80,6 +84,7 @@ __all__ = [
     "get_current_vllm_config",
     "get_forward_context",
     "get_layers_from_vllm_config",
+    "get_max_concurrency_for_kv_cache_config",
     "get_tensor_model_parallel_rank",
     "get_tensor_model_parallel_world_size",
     "init_logger",

@@ -12,8 +12,8 @@ never the ``kv_cache`` argument vLLM hands in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -39,7 +39,11 @@ from vllm_duo._vllm import (
     ops,
 )
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.kernels.sink_window_torch import sink_window_attention
+from vllm_duo.kernels.sink_window_torch import (
+    StreamingPlan,
+    plan_streaming,
+    sink_window_attention_heads,
+)
 from vllm_duo.streaming_cache import DuoStreamingSpec
 
 if TYPE_CHECKING:
@@ -67,6 +71,8 @@ class DuoMetadata:
     """What vLLM's CPU kernel needs, sized for this group's heads; None for streaming groups."""
     isa: str
     """Instruction set vLLM's CPU kernel packs retrieval caches for."""
+    step_cache: dict[str, Any] = field(default_factory=dict)
+    """What every layer of the group would otherwise recompute this step (streaming plan)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -270,17 +276,20 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         all_metadata = get_forward_context().attn_metadata
         num_tokens = attn_metadata.num_actual_tokens
         group = self.num_queries_per_kv
+        # Streaming heads whose caches share a block table are computed together.
+        streaming: dict[int, list[DuoHeadCache]] = {}
         for head in self.head_caches:
             metadata: DuoMetadata = all_metadata[head.layer_name]
+            if not head.retrieval:
+                streaming.setdefault(id(metadata), []).append(head)
+                continue
             h = head.local_kv_head
             q = query[:num_tokens, h * group : (h + 1) * group]
-            k = key[:num_tokens, h : h + 1]
-            v = value[:num_tokens, h : h + 1]
-            if head.retrieval:
-                out = self._retrieval(layer, head.kv_cache, q, k, v, metadata)
-            else:
-                out = self._streaming(head.kv_cache, q, k, v, metadata)
+            out = self._retrieval(layer, head.kv_cache, q, key[:num_tokens, h : h + 1],
+                                  value[:num_tokens, h : h + 1], metadata)  # fmt: skip
             output[:num_tokens, h * group : (h + 1) * group] = out
+        for heads in streaming.values():
+            self._streaming(heads, all_metadata[heads[0].layer_name], query, key, value, output)
         return output
 
     def _retrieval(
@@ -317,27 +326,51 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
 
     def _streaming(
         self,
-        cache: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        heads: list[DuoHeadCache],
         metadata: DuoMetadata,
-    ) -> torch.Tensor:
-        """Sink + recent window over the head's plain-layout cache; [tokens, G, D]."""
-        num_blocks, _, block_size, packed = cache.shape
-        rows = cache.view(num_blocks, 2 * block_size, packed // 2)
-        key_cache, value_cache = rows[:, :block_size], rows[:, block_size:]
-        slots = metadata.slot_mapping[: q.shape[0]]
-        # Block 0 is vLLM's null block: chunk tokens that leave the window within
-        # this step are mapped there and must not be stored.
-        stored = slots >= block_size
-        blocks = torch.div(slots[stored], block_size, rounding_mode="floor")
-        offsets = slots[stored] % block_size
-        key_cache[blocks, offsets] = k[stored, 0].to(cache.dtype)
-        value_cache[blocks, offsets] = v[stored, 0].to(cache.dtype)
-        return sink_window_attention(
-            q, key_cache, value_cache, metadata.block_table,
-            metadata.query_start_loc_host, metadata.seq_lens_host,
-            sink=self.sink, recent=self.recent, scale=self.scale,
-            new_keys=k[:, 0], new_values=v[:, 0],
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+    ) -> None:
+        """Sink + recent window of ``heads`` (one block table) into ``output``."""
+        num_tokens = metadata.num_actual_tokens
+        num_blocks, _, block_size, packed = heads[0].kv_cache.shape
+        rows = [h.kv_cache.view(num_blocks, 2 * block_size, packed // 2) for h in heads]
+        key_caches = [r[:, :block_size] for r in rows]
+        value_caches = [r[:, block_size:] for r in rows]
+        stored, blocks, offsets, plan = self._step_plan(metadata, block_size, num_tokens)
+        local = [h.local_kv_head for h in heads]
+        new_keys = key[:num_tokens, local]  # [T, H, D]
+        new_values = value[:num_tokens, local]
+        kept_keys, kept_values = new_keys[stored], new_values[stored]
+        for i, (k_cache, v_cache) in enumerate(zip(key_caches, value_caches)):
+            k_cache[blocks, offsets] = kept_keys[:, i].to(k_cache.dtype)
+            v_cache[blocks, offsets] = kept_values[:, i].to(v_cache.dtype)
+        group = self.num_queries_per_kv
+        q = query[:num_tokens].view(num_tokens, self.num_kv_heads, group, -1)[:, local]
+        out = sink_window_attention_heads(
+            q, key_caches, value_caches, plan, scale=self.scale,
+            new_keys=new_keys, new_values=new_values,
         )  # fmt: skip
+        view = output[:num_tokens].view(num_tokens, self.num_kv_heads, group, -1)
+        view[:, local] = out
+
+    def _step_plan(
+        self, metadata: DuoMetadata, block_size: int, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StreamingPlan]:
+        """Where this step's K/V go and which slots queries read: once per group and step."""
+        memo = metadata.step_cache
+        if "plan" not in memo:
+            slots = metadata.slot_mapping[:num_tokens]
+            # Block 0 is vLLM's null block: chunk tokens that leave the window within
+            # this step are mapped there and must not be stored.
+            stored = slots >= block_size
+            memo["stored"] = stored
+            memo["blocks"] = torch.div(slots[stored], block_size, rounding_mode="floor")
+            memo["offsets"] = slots[stored] % block_size
+            memo["plan"] = plan_streaming(
+                metadata.block_table, metadata.query_start_loc_host, metadata.seq_lens_host,
+                sink=self.sink, recent=self.recent, block_size=block_size, keys_from_step=True,
+            )  # fmt: skip
+        return memo["stored"], memo["blocks"], memo["offsets"], memo["plan"]

@@ -1,0 +1,1 @@
+"""``vllm-duo bench``: DUO against the stock backend on the same model, prompts and run."""
