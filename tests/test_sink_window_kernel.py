@@ -9,7 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_duo.kernels.sink_window_torch import sink_window_attention
+from vllm_duo.kernels.sink_window_torch import (
+    plan_streaming,
+    sink_window_attention,
+    sink_window_attention_heads,
+)
 from vllm_duo.kernels.slots import streaming_key_ranges, streaming_visible
 from vllm_duo.reference import duo_attention
 
@@ -125,3 +129,44 @@ def test_key_ranges_cover_exactly_the_visible_keys(q_start, q_len, sink, recent)
               if streaming_visible(p, j, sink, recent)}  # fmt: skip
     assert needed <= covered
     assert len(covered) <= sink + recent + q_len - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_heads_together_equal_each_head_alone(dtype):
+    """The backend computes all streaming heads of a layer in one call on one plan."""
+    seq_lens, query_lens, group, head_size, block_size = (
+        [1, 7, 45, 333, 130],
+        [1, 7, 1, 29, 1],
+        7,
+        32,
+        16,
+    )
+    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
+    torch.manual_seed(7)
+    heads = []
+    for _ in range(3):
+        keys = [torch.randn(n, head_size) for n in seq_lens]
+        values = [torch.randn(n, head_size) for n in seq_lens]
+        k_cache, table = _paged(keys, block_size, num_blocks, seed=11)  # same table for all
+        v_cache, _ = _paged(values, block_size, num_blocks, seed=11)
+        step_k = torch.cat([k[n - q :] for k, n, q in zip(keys, seq_lens, query_lens)])
+        step_v = torch.cat([v[n - q :] for v, n, q in zip(values, seq_lens, query_lens)])
+        heads.append((k_cache.to(dtype), v_cache.to(dtype), step_k.to(dtype), step_v.to(dtype)))
+    qsl = [0]
+    for q in query_lens:
+        qsl.append(qsl[-1] + q)
+    query = torch.randn(qsl[-1], 3, group, head_size).to(dtype)
+    settings_ = dict(sink=5, recent=11, scale=head_size**-0.5)
+    plan = plan_streaming(table, qsl, seq_lens, sink=5, recent=11, block_size=block_size,
+                          keys_from_step=True, query_tile=8)  # fmt: skip
+    together = sink_window_attention_heads(
+        query, [h[0] for h in heads], [h[1] for h in heads], plan, scale=settings_["scale"],
+        new_keys=torch.stack([h[2] for h in heads], 1),
+        new_values=torch.stack([h[3] for h in heads], 1),
+    )  # fmt: skip
+    for i, (k_cache, v_cache, step_k, step_v) in enumerate(heads):
+        alone = sink_window_attention(query[:, i], k_cache, v_cache, table, qsl, seq_lens,
+                                      new_keys=step_k, new_values=step_v, query_tile=5,
+                                      **settings_)  # fmt: skip
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(together[:, i].float(), alone.float(), atol=tol, rtol=tol)
