@@ -16,6 +16,7 @@ import logging
 import math
 import numbers
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,18 @@ _PATTERN_HINT = (
     f"set {_ENV_PATTERN} to a bundled pattern name (`vllm-duo patterns list`) or to a directory "
     f"containing {GATES_FILE} (`vllm-duo calibrate` makes one)"
 )
+# A gate cell: an ASCII decimal float, what numpy.loadtxt (upstream's reader) accepts. float()
+# alone would also take "0_5" (= 5, clipped to a gate of 1) or non-ASCII digits, turning a typo
+# into a silently different pattern. "nan"/"inf" are recognised separately to report them.
+_DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# Rows end at \n, \r\n or \r only (as upstream's reader): str.splitlines() would also split a
+# line at form feeds, \x1c-\x1e, NEL or U+2028 and silently add layers.
+_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")
+
+
+def _os_reason(exc: BaseException) -> str:
+    """Short one-line reason of a filesystem error ("File name too long")."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,8 +96,12 @@ def _gates_file(path: Path) -> Path:
 
 
 def _parse_cell(tsv: Path, row: int, col: int, text: str) -> float:
+    cell = text.strip()  # str.strip: float() alone keeps \x1c-\x1f, which rstrip drops at ends
     try:
-        value = float(text)
+        value = float(cell)
+        # Spelled-out nan/inf pass on to the "not finite" error below.
+        if math.isfinite(value) and not _DECIMAL_RE.fullmatch(cell):
+            raise ValueError(text)
     except ValueError:
         hint = ""
         if text.strip() and len(text.split()) > 1:
@@ -107,18 +124,26 @@ def load_gates(path: str | os.PathLike[str]) -> np.ndarray:
 
     ``path`` is a pattern directory (upstream layout: ``full_attention_heads.tsv`` plus an
     optional ``config.json``, which is not read here) or the TSV file itself. The TSV has one
-    row per decoder layer and one tab-separated float per KV head; trailing whitespace on a line
-    and blank lines at the end of the file are accepted.
+    row per decoder layer (rows end at \\n, \\r\\n or \\r) and one tab-separated ASCII decimal
+    float per KV head; whitespace around a cell and blank lines at the end of the file are
+    accepted.
 
     Returns a new read-only float64 array of shape (layers, KV heads), clipped to [0, 1]
     (published patterns contain tiny negatives such as -1e-3, which upstream clips too).
 
     Raises:
-        DuoConfigError: missing path, directory without the TSV, file over 16 MiB, not UTF-8,
-            empty, blank line inside the data, ragged rows, a non-numeric or non-finite cell.
+        DuoConfigError: missing or unreadable path, directory without the TSV, file over
+            16 MiB, not UTF-8, empty, blank line inside the data, ragged rows, a non-numeric or
+            non-finite cell.
     """
-    tsv = _gates_file(Path(path))
-    size = tsv.stat().st_size
+    try:
+        tsv = _gates_file(Path(path))
+        size = tsv.stat().st_size
+    except OSError as exc:  # a name too long, a directory we may not search, ...
+        raise DuoConfigError(
+            f"pattern path '{path}' cannot be accessed ({_os_reason(exc)}): expected a readable "
+            f"pattern directory containing {GATES_FILE} or the .tsv file itself; check the path."
+        ) from None
     # Refuse before reading: a wrong path could point at a multi-GB weight file.
     if size > MAX_PATTERN_BYTES:
         raise DuoConfigError(
@@ -127,15 +152,22 @@ def load_gates(path: str | os.PathLike[str]) -> np.ndarray:
             f"pattern ({GATES_FILE})."
         )
     try:
+        data = tsv.read_bytes()
+    except OSError as exc:  # no read permission, a file that vanished, ...
+        raise DuoConfigError(
+            f"pattern file '{tsv}' cannot be read ({_os_reason(exc)}): expected a readable "
+            f"{GATES_FILE}; check its permissions."
+        ) from None
+    try:
         # utf-8-sig: tolerate a byte-order mark written by some editors.
-        text = tsv.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DuoConfigError(
             f"pattern file '{tsv}' is not UTF-8 text (byte {exc.start}): expected tab-separated "
             f"floats; check that the path points at a DuoAttention pattern ({GATES_FILE})."
         ) from None
 
-    lines = [line.rstrip() for line in text.splitlines()]
+    lines = [line.rstrip() for line in _LINE_BREAK_RE.split(text)]
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
@@ -544,14 +576,24 @@ def resolve_pattern(
         for pattern in bundled:
             if pattern.name.lower() == wanted.lower():
                 return pattern.path, f"bundled:{pattern.name}"
-        path = Path(wanted).expanduser()
-        if path.is_dir():
-            if not (path / GATES_FILE).is_file():
+        try:
+            path = Path(wanted).expanduser()
+            is_dir, is_file = path.is_dir(), path.is_file()
+            has_gates = is_dir and (path / GATES_FILE).is_file()
+        except (OSError, RuntimeError) as exc:
+            # expanduser raises RuntimeError for an unknown ~user; stat raises OSError for a
+            # name too long or a directory that may not be searched.
+            raise DuoConfigError(
+                f"{_ENV_PATTERN}={spec!r} is not a bundled pattern name and cannot be used as a "
+                f"path ({_os_reason(exc)}): {_PATTERN_HINT}."
+            ) from None
+        if is_dir:
+            if not has_gates:
                 raise DuoConfigError(
                     f"{_ENV_PATTERN}={spec!r} is a directory without {GATES_FILE}: {_PATTERN_HINT}."
                 )
             return path, str(path)
-        if path.is_file():
+        if is_file:
             return path, str(path)
         raise DuoConfigError(
             f"{_ENV_PATTERN}={spec!r} is neither a bundled pattern name ({names}) nor an "

@@ -196,7 +196,12 @@ class DuoStreamingManager(SlidingWindowManager):
                 self.new_block_ids.extend(b.block_id for b in stored)
             first_null = len(blocks)
         else:
-            blocks.extend([self._null_block] * dead)
+            placeholders = [self._null_block] * dead
+            blocks.extend(placeholders)
+            # Returned too: a running request's worker-side block table only appends the
+            # ids returned here, so a placeholder left out would shift every later block
+            # of the row onto the wrong positions (the tail read as null).
+            new.extend(placeholders)
         # Placeholders extend the all-null run only if it reached them.
         if self._freed_upto.get(request_id, self.num_sink_blocks) >= first_null:
             self._freed_upto[request_id] = len(blocks)

@@ -81,6 +81,7 @@ def _worker_env(backend: str, pattern: Path, config: BenchConfig, tmp: Path) -> 
 
 def _run_worker(
     backend: str,
+    context: int,
     model_path: Path,
     pattern: Path,
     config: BenchConfig,
@@ -88,22 +89,22 @@ def _run_worker(
     out_dir: Path,
     progress: Any,
 ) -> list[dict[str, Any]]:
-    results = out_dir / f"{backend}.jsonl"
+    results = out_dir / f"{backend}-{context}.jsonl"
     results.unlink(missing_ok=True)
-    request = out_dir / f"{backend}.request.json"
+    request = out_dir / f"{backend}-{context}.request.json"
     request.write_text(
         json.dumps(
             {
                 "model": str(model_path),
                 "llm_kwargs": _llm_kwargs(config, backend),
-                "contexts": list(config.contexts),
+                "contexts": [context],
                 "decode_tokens": config.decode_tokens,
                 "concurrency": config.concurrency,
                 "vocab_size": vocab_size,
             }
         )
     )
-    log_path = out_dir / f"{backend}.log"
+    log_path = out_dir / f"{backend}-{context}.log"
     # vLLM's IPC socket paths must stay under 107 bytes, so the temp dir is short.
     tmp = Path(tempfile.mkdtemp(prefix="vdb", dir="/tmp" if os.path.isdir("/tmp") else None))
     try:
@@ -182,11 +183,14 @@ def run_bench(
         progress = tqdm(total=len(BACKENDS) * len(config.contexts), desc="bench", unit="ctx")
     started = time.time()
     try:
-        results = {
-            backend: _run_worker(backend, model_path, pattern, config,
-                                 int(model_config["vocab_size"]), out_dir, progress)
-            for backend in BACKENDS
-        }  # fmt: skip
+        # One fresh engine per (context, backend), the backends alternating, so a change in
+        # the machine's load during a long run hits both sides of each ratio alike.
+        results: dict[str, list[dict[str, Any]]] = {backend: [] for backend in BACKENDS}
+        for context in config.contexts:
+            for backend in BACKENDS:
+                results[backend] += _run_worker(backend, context, model_path, pattern, config,
+                                                int(model_config["vocab_size"]), out_dir,
+                                                progress)  # fmt: skip
     finally:
         if progress is not None:
             progress.close()
@@ -208,9 +212,8 @@ def run_bench(
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "wall_s": time.time() - started,
     }
-    engines = {b: next((r for r in rows if r["kind"] == "engine"), {})
-               for b, rows in results.items()}  # fmt: skip
-    meta["engines"] = engines
+    meta["startup_s"] = {b: [r["startup_s"] for r in rows if r["kind"] == "engine"]
+                         for b, rows in results.items()}  # fmt: skip
     return {
         "meta": meta,
         **{b: [r for r in rows if r["kind"] == "context"] for b, rows in results.items()},
