@@ -207,7 +207,7 @@ def run_bench(
         },
         "pattern": str(pattern),
         "retrieval_fraction": float(retrieval.mean()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}",
+        "machine": _machine(),
         "gpu": _gpu_name(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "wall_s": time.time() - started,
@@ -218,6 +218,19 @@ def run_bench(
         "meta": meta,
         **{b: [r for r in rows if r["kind"] == "context"] for b, rows in results.items()},
     }
+
+
+def _machine() -> str:
+    """E.g. 'Intel(R) Xeon(R) Processor, 2 CPUs' (the CPU model from /proc/cpuinfo)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs"
 
 
 def _gpu_name() -> str | None:
