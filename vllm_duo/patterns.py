@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.settings import DECIMAL_RE
 
 __all__ = [
     "GATES_FILE",
@@ -52,10 +53,6 @@ _PATTERN_HINT = (
     f"set {_ENV_PATTERN} to a bundled pattern name (`vllm-duo patterns list`) or to a directory "
     f"containing {GATES_FILE} (`vllm-duo calibrate` makes one)"
 )
-# A gate cell: an ASCII decimal float, what numpy.loadtxt (upstream's reader) accepts. float()
-# alone would also take "0_5" (= 5, clipped to a gate of 1) or non-ASCII digits, turning a typo
-# into a silently different pattern. "nan"/"inf" are recognised separately to report them.
-_DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # Rows end at \n, \r\n or \r only (as upstream's reader): str.splitlines() would also split a
 # line at form feeds, \x1c-\x1e, NEL or U+2028 and silently add layers.
 _LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")
@@ -100,7 +97,9 @@ def _parse_cell(tsv: Path, row: int, col: int, text: str) -> float:
     try:
         value = float(cell)
         # Spelled-out nan/inf pass on to the "not finite" error below.
-        if math.isfinite(value) and not _DECIMAL_RE.fullmatch(cell):
+        # Only ASCII decimals, as numpy.loadtxt (upstream's reader): float() alone would take
+        # "0_5" (= 5, clipped to a gate of 1) or non-ASCII digits, a silently different pattern.
+        if math.isfinite(value) and not DECIMAL_RE.fullmatch(cell):
             raise ValueError(text)
     except ValueError:
         hint = ""

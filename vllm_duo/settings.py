@@ -59,7 +59,7 @@ ENV_VARS: dict[str, str] = {
 _INT_RE = re.compile(r"[0-9]+")
 # An ASCII decimal float. float() alone would also accept "0.2_5" (= 0.25) or non-ASCII digits;
 # like the counts above, only plain spellings are taken. The same rule reads pattern files.
-_DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def _check_fraction(var: str, value: object, meaning: str) -> float:
@@ -106,7 +106,7 @@ def _parse_fraction(var: str, raw: str, meaning: str) -> float:
         number = float(raw.strip())
         # Spelled-out nan/inf pass on to the "not finite" error below; other text that float()
         # takes but a plain decimal is not ("0.2_5", non-ASCII digits) is not a number here.
-        if math.isfinite(number) and not _DECIMAL_RE.fullmatch(raw.strip()):
+        if math.isfinite(number) and not DECIMAL_RE.fullmatch(raw.strip()):
             raise ValueError(raw)
     except ValueError:
         raise DuoConfigError(
