@@ -63,10 +63,9 @@ class _PrefillPlan:
     """Step rows of the run's positions inside the chunk."""
     band_len: int
     """Length of the (right-padded) key run: num_tiles * tile + recent - 1."""
-    band_mask: torch.Tensor
-    """[num_tiles, tile, tile + recent - 1] which band keys each query sees."""
-    sink_mask: torch.Tensor
-    """[num_tiles, tile, S_cache + S_step] which sink keys each query sees."""
+    mask: torch.Tensor
+    """[num_tiles, tile, S_cache + S_step + tile + recent - 1] which keys each query sees:
+    the sink keys, then the tile's band."""
 
 
 @dataclass(frozen=True)
@@ -203,8 +202,8 @@ def _plan_prefill(
         band_cache=_slots(block_row, band_cache_pos, block_size),
         band_step_rows=first_row + band_step_pos - first,
         band_len=band_len,
-        band_mask=band_mask,
-        sink_mask=sink_mask,
+        # Built once per step here rather than in every layer's attention call.
+        mask=torch.cat([sink_mask, band_mask], dim=-1),
     )
 
 
@@ -334,7 +333,6 @@ def _prefill(
     q = q.view(plan.num_tiles, plan.tile, num_heads, group, head_dim).permute(2, 0, 3, 1, 4)
     q = q.reshape(num_heads, plan.num_tiles, group * plan.tile, head_dim)
     num_sink, width = sink_k.shape[1], band_k.shape[2]
-    mask = torch.cat([plan.sink_mask, plan.band_mask], dim=-1)  # [tiles, tile, S' + band]
     step = max(1, _KEY_BUDGET // (num_heads * (num_sink + width) * head_dim))
     result = torch.empty_like(q)
     for start in range(0, plan.num_tiles, step):
@@ -343,7 +341,7 @@ def _prefill(
         sink_part = (num_heads, n_t, num_sink, head_dim)
         k = torch.cat([sink_k[:, None].expand(sink_part), band_k[:, tiles]], dim=2)
         v = torch.cat([sink_v[:, None].expand(sink_part), band_v[:, tiles]], dim=2)
-        tile_mask = mask[tiles, None].expand(n_t, group, plan.tile, num_sink + width)
+        tile_mask = plan.mask[tiles, None].expand(n_t, group, plan.tile, num_sink + width)
         result[:, tiles] = F.scaled_dot_product_attention(
             q[:, tiles], k, v,
             attn_mask=tile_mask.reshape(1, n_t, group * plan.tile, num_sink + width),
