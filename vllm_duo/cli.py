@@ -184,6 +184,19 @@ def _build_parser() -> _Parser:
     return parser
 
 
+def _add_option(
+    parser: argparse.ArgumentParser,
+    field: str,
+    kind: type,
+    metavar: str,
+    text: str,
+    default: object,
+) -> None:
+    """``--field-name`` for a config dataclass field, its default shown in the help."""
+    parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=default,
+                        metavar=metavar, help=f"{text} (default {default})")  # fmt: skip
+
+
 def _add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
     """The ``calibrate`` subcommand (defaults shown from :class:`CalibrationConfig`)."""
     import dataclasses
@@ -219,14 +232,7 @@ def _add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
         ("save_every", int, "K", "write DIR/checkpoint.pt every K steps"),
     ]
     for field, kind, metavar, text in options:
-        calibrate.add_argument(
-            "--" + field.replace("_", "-"),
-            dest=field,
-            type=kind,
-            default=defaults[field],
-            metavar=metavar,
-            help=f"{text} (default {defaults[field]})",
-        )
+        _add_option(calibrate, field, kind, metavar, text, defaults[field])
     calibrate.add_argument(
         "--device",
         default=defaults["device"],
@@ -313,9 +319,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         ("intermediate_size", int, "I", "synthetic model: MLP width", model_defaults),
     ]
     for field, kind, metavar, text, source in options:
-        bench.add_argument("--" + field.replace("_", "-"), dest=field, type=kind,
-                           default=source[field], metavar=metavar,
-                           help=f"{text} (default {source[field]})")  # fmt: skip
+        _add_option(bench, field, kind, metavar, text, source[field])
     bench.add_argument("--dtype", default=defaults["dtype"],
                        choices=("bfloat16", "float16", "float32"),
                        help=f"model dtype (default {defaults['dtype']})")  # fmt: skip
