@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_kv(model: str, settings, context_len: int) -> None:
     """Print what the head split saves at this context length (the same plan the engine uses)."""
-    from vllm_duo.companion import STREAMING_CACHE_BOUNDED
+    from vllm_duo.model_plan import STREAMING_CACHE_BOUNDED
     from vllm_duo.patterns import (
         HeadPlan,
         check_shape,

@@ -91,6 +91,7 @@ def run_engine(
     max_tokens: int = 6,
     expect_failure: bool = False,
     probe: bool = False,
+    count_kernel_calls: bool = False,
     prompt_logprobs: bool = True,
     sequential: bool = False,
     **llm_kwargs,
@@ -108,6 +109,7 @@ def run_engine(
                 "prompts": prompts,
                 "max_tokens": max_tokens,
                 "probe": probe,
+                "count_kernel_calls": count_kernel_calls,
                 "prompt_logprobs": prompt_logprobs,
                 "sequential": sequential,
                 "env": {},
@@ -179,3 +181,19 @@ def assert_matches_reference(
             # Greedy must pick the reference's best token, up to exact-tie noise.
             assert top[token] >= top.max() - 1e-4, f"step {j}: {token} is not the argmax"
     return worst
+
+
+def assert_one_kernel_call_per_layer(run: dict) -> None:
+    """Every DUO layer forward made at most one call per head kind (no per-head loop).
+
+    Needs ``run_engine(..., count_kernel_calls=True)`` with the in-process engine and
+    cache groups that each hold all heads of a kind (equal retrieval and streaming counts).
+    """
+    forwards = run["kernel_calls"]
+    assert forwards, "no DUO layer forward was counted"
+    for calls in forwards:
+        retrieval = 1 if calls["retrieval_heads"] else 0
+        streaming = 1 if calls["streaming_heads"] else 0
+        assert calls.get("cpu_attention_with_kv_cache", 0) == retrieval, calls
+        assert calls.get("cpu_attn_reshape_and_cache", 0) == retrieval, calls
+        assert calls.get("sink_window_attention_heads", 0) == streaming, calls

@@ -21,6 +21,7 @@ def main(request_path: str, result_path: str) -> None:
 
     from vllm import LLM, SamplingParams
 
+    counter = _KernelCounter() if request.get("count_kernel_calls") else None
     started = time.perf_counter()
     llm = LLM(model=request["model"], **request["llm_kwargs"])
     startup_s = time.perf_counter() - started
@@ -62,8 +63,72 @@ def main(request_path: str, result_path: str) -> None:
     report = {"startup_s": startup_s, "outputs": results}
     if probe is not None:
         report.update(probe.report())
+    if counter is not None:
+        report["kernel_calls"] = counter.forwards
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(report, f)
+
+
+class _KernelCounter:
+    """Counts, per DUO layer forward, the kernel calls of the CPU family (in-process engine).
+
+    Each forward records the layer's retrieval and streaming head counts and how many
+    times vLLM's CPU attention kernel, its cache write and the streaming kernel ran.
+    """
+
+    KERNELS = ("cpu_attention_with_kv_cache", "cpu_attn_reshape_and_cache")
+
+    def __init__(self) -> None:
+        from vllm_duo import backend
+        from vllm_duo.families import cpu
+
+        self.forwards: list[dict] = []
+        self._current: dict | None = None
+        counter = self
+
+        class CountingOps:
+            def __init__(self, real) -> None:
+                self._real = real
+
+            def __getattr__(self, name):
+                fn = getattr(self._real, name)
+                if name not in counter.KERNELS:
+                    return fn
+
+                def counted(*args, **kwargs):
+                    counter._count(name)
+                    return fn(*args, **kwargs)
+
+                return counted
+
+        cpu.ops = CountingOps(cpu.ops)
+        streaming = cpu.sink_window_attention_heads
+
+        def counted_streaming(*args, **kwargs):
+            counter._count("sink_window_attention_heads")
+            return streaming(*args, **kwargs)
+
+        cpu.sink_window_attention_heads = counted_streaming
+        forward = backend.DuoAttentionImpl.forward
+
+        def counted_forward(impl, layer, query, key, value, kv_cache, attn_metadata, *a, **k):
+            if attn_metadata is None:
+                return forward(impl, layer, query, key, value, kv_cache, attn_metadata, *a, **k)
+            counter._current = {
+                "retrieval_heads": sum(h.retrieval for h in impl.head_caches),
+                "streaming_heads": sum(not h.retrieval for h in impl.head_caches),
+            }
+            try:
+                return forward(impl, layer, query, key, value, kv_cache, attn_metadata, *a, **k)
+            finally:
+                self.forwards.append(counter._current)
+                counter._current = None
+
+        backend.DuoAttentionImpl.forward = counted_forward
+
+    def _count(self, name: str) -> None:
+        if self._current is not None:
+            self._current[name] = self._current.get(name, 0) + 1
 
 
 class _Probe:

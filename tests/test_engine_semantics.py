@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Reference, assert_matches_reference, run_engine, write_pattern
+from conftest import (
+    Reference,
+    assert_matches_reference,
+    assert_one_kernel_call_per_layer,
+    run_engine,
+    write_pattern,
+)
 
 from vllm_duo.patterns import load_gates, select_retrieval
 from vllm_duo.testing.tiny_llama import synthetic_prompt_ids
@@ -54,8 +60,12 @@ def gqa_reference(tiny_gqa, gqa_pattern):
 
 def test_gqa_mixed_batch_matches_reference(tmp_path, tiny_gqa, gqa_pattern, gqa_reference):
     prompts = _prompts(MIXED)
-    run = run_engine(tmp_path, tiny_gqa, prompts, env=_duo_env(gqa_pattern))
+    run = run_engine(
+        tmp_path, tiny_gqa, prompts, env=_duo_env(gqa_pattern), count_kernel_calls=True
+    )
     worst = assert_matches_reference(gqa_reference, prompts, run["outputs"])
+    # One write and one attention call per layer and head kind, whatever the head count.
+    assert_one_kernel_call_per_layer(run)
     assert "DuoAttention: pattern" in run["log"], "start-up summary line missing"
     assert "Unknown vLLM environment variable" not in run["log"]
     print(f"max |logprob diff| = {worst:.2e}")
@@ -85,8 +95,11 @@ def test_mha_threshold_pattern_matches_reference(tmp_path, tiny_mha):
     assert mask.sum(axis=1).tolist() == [4, 0, 1, 2]
     prompts = _prompts([9, 60, 280], seed=30)
     env = _duo_env(pattern, VLLM_DUO_THRESHOLD=0.5)
-    run = run_engine(tmp_path, tiny_mha, prompts, env=env, max_num_batched_tokens=64)
+    run = run_engine(
+        tmp_path, tiny_mha, prompts, env=env, max_num_batched_tokens=64, count_kernel_calls=True
+    )
     assert_matches_reference(Reference(tiny_mha, mask, SINK, RECENT), prompts, run["outputs"])
+    assert_one_kernel_call_per_layer(run)
 
 
 def _max_diff(a: dict, b: dict) -> float:

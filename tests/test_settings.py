@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.settings import ENV_VARS, MAX_TOKENS, DuoSettings
+from vllm_duo.settings import ENV_VARS, MAX_TOKENS, DuoSettings, kernels_from_env
 
 ALL_VARS = (
     "VLLM_DUO_PATTERN",
@@ -173,10 +173,30 @@ def test_direct_construction_normalises_and_is_frozen() -> None:
 
 
 def test_env_vars_declaration() -> None:
-    assert set(ENV_VARS) == set(ALL_VARS)
+    assert set(ENV_VARS) == {*ALL_VARS, "VLLM_DUO_KERNELS"}
     for name, help_text in ENV_VARS.items():
         assert help_text, name
         assert "\n" not in help_text, name
+
+
+@pytest.mark.parametrize(
+    ("raw", "choice"),
+    [(None, "auto"), ("", "auto"), ("  ", "auto"), ("auto", "auto"), ("native", "native"),
+     (" Triton ", "triton"), ("NATIVE", "native")],
+)  # fmt: skip
+def test_kernel_choice(raw: str | None, choice: str) -> None:
+    env = {} if raw is None else {"VLLM_DUO_KERNELS": raw}
+    assert kernels_from_env(env) == choice
+
+
+@pytest.mark.parametrize("raw", ["cuda", "cpu", "triton,native", "0", "trit0n"])
+def test_bad_kernel_choice_names_variable_value_and_choices(raw: str) -> None:
+    with pytest.raises(DuoConfigError) as info:
+        kernels_from_env({"VLLM_DUO_KERNELS": raw})
+    message = str(info.value)
+    assert f"VLLM_DUO_KERNELS={raw!r}" in message
+    assert all(name in message for name in ("auto", "native", "triton"))
+    assert "\n" not in message
 
 
 def test_describe() -> None:

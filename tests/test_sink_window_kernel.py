@@ -159,8 +159,13 @@ def test_heads_together_equal_each_head_alone(dtype):
     settings_ = dict(sink=5, recent=11, scale=head_size**-0.5)
     plan = plan_streaming(table, qsl, seq_lens, sink=5, recent=11, block_size=block_size,
                           keys_from_step=True, query_tile=8)  # fmt: skip
+    # Each head's cache in its own region of one buffer, as vLLM lays out one-head cache
+    # layers: the heads-together view is strided over heads, not contiguous.
+    key_cache = torch.stack([h[0] for h in heads]).permute(1, 2, 0, 3)
+    value_cache = torch.stack([h[1] for h in heads]).permute(1, 2, 0, 3)
+    assert not key_cache.is_contiguous()
     together = sink_window_attention_heads(
-        query, [h[0] for h in heads], [h[1] for h in heads], plan, scale=settings_["scale"],
+        query, key_cache, value_cache, plan, scale=settings_["scale"],
         new_keys=torch.stack([h[2] for h in heads], 1),
         new_values=torch.stack([h[3] for h in heads], 1),
     )  # fmt: skip

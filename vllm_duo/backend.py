@@ -1,33 +1,34 @@
-"""The DUO attention backend for vLLM (CPU platform).
+"""The DUO attention backend for vLLM.
 
-Four parts, in vLLM's order: metadata, metadata builder, backend class with
-its declared capabilities, and the impl whose ``forward`` splits a layer's KV
-heads into retrieval heads (vLLM's own CPU paged-attention kernel over the
-full context) and streaming heads (sink + recent window, O(S+W) per query).
+Four parts, in vLLM's order: metadata, metadata builder, backend class with its declared
+capabilities, and the impl whose ``forward`` splits a layer's KV heads into retrieval heads
+(the whole context, through a paged-attention kernel) and streaming heads (sink + recent
+window, O(S+W) per query).
 
 Each KV head of a DUO layer owns a one-head paged cache held by a
-:class:`vllm_duo.companion.DuoHeadCache`; ``forward`` reads and writes those,
-never the ``kv_cache`` argument vLLM hands in.
+:class:`vllm_duo.companion.DuoHeadCache`; ``forward`` reads and writes those, never the
+``kv_cache`` argument vLLM hands in. Heads whose caches sit side by side in one cache group
+are served together (:mod:`vllm_duo.head_layout`), by a kernel family chosen per device
+(:mod:`vllm_duo.families`): one write and one attention call per layer, cache group and
+head kind, not one per head.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from vllm_duo._vllm import (
-    Attention,
     AttentionBackend,
     AttentionCGSupport,
     AttentionImpl,
-    AttentionLayerBase,
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
     CPUAttentionBackend,
-    CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
     KVCacheLayout,
     KVCacheSpec,
@@ -35,21 +36,26 @@ from vllm_duo._vllm import (
     VllmConfig,
     current_platform,
     get_forward_context,
-    get_layers_from_vllm_config,
-    ops,
 )
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.kernels.sink_window_torch import (
-    StreamingPlan,
-    plan_streaming,
-    sink_window_attention_heads,
-)
+from vllm_duo.families import KernelFamily, family_name
+from vllm_duo.head_layout import HeadCacheRef, HeadRun, plan_runs
+from vllm_duo.settings import kernels_from_env
 from vllm_duo.streaming_cache import DuoStreamingSpec
 
-if TYPE_CHECKING:
-    from vllm_duo.companion import DuoHeadCache
-
 BACKEND_NAME = "DUO"
+
+# What the GPU kernel family serves (FlashAttention / Triton paged attention, the csrc and
+# Triton sink+window kernels): all of them take fp16/bf16, the Triton ones fp32 too (then
+# FlashAttention is skipped), head sizes up to 256, blocks of a multiple of 16 tokens.
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_GPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+_GPU_BLOCK_SIZE_MULTIPLE = 16
+_GPU_MIN_CAPABILITY = (8, 0)
+
+
+def _device_type() -> str:
+    return current_platform.device_type
 
 
 # --------------------------------------------------------------------------------------
@@ -57,29 +63,45 @@ BACKEND_NAME = "DUO"
 # --------------------------------------------------------------------------------------
 @dataclass
 class DuoMetadata:
-    """Per-step metadata of one KV cache group of DUO head caches."""
+    """Per-step metadata of one KV cache group of DUO head caches.
+
+    Satisfies :class:`vllm_duo.families.GroupStep`: everything a kernel family reads.
+    """
 
     num_actual_tokens: int
+    num_reqs: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    """[num_reqs + 1] int32 token offsets, on the device."""
     query_start_loc_host: list[int]
-    """num_reqs + 1 token offsets, on the host (the streaming path loops over requests)."""
-    seq_lens_host: list[int]
+    seq_lens: torch.Tensor
+    """[num_reqs] int32 context lengths including this step's tokens, on the device."""
+    seq_lens_host: list[int] | None
+    """Host copy where it costs no device sync (CPU), else vLLM's host one when exact."""
     block_table: torch.Tensor
     """[num_reqs, max_blocks] block ids of this group's caches."""
     slot_mapping: torch.Tensor
     """[num_tokens] cache slot of each token (-1: padding, write nothing)."""
-    retrieval: CPUAttentionMetadata | None
-    """What vLLM's CPU kernel needs, sized for this group's heads; None for streaming groups."""
-    isa: str
-    """Instruction set vLLM's CPU kernel packs retrieval caches for."""
+    num_decodes: int
+    """Leading requests with one query (the GPU family has vLLM put decodes first)."""
+    num_decode_tokens: int
+    isa: str | None
+    """Instruction set of vLLM's CPU kernel for this group (CPU family), else None."""
     step_cache: dict[str, Any] = field(default_factory=dict)
-    """What every layer of the group would otherwise recompute this step (streaming plan)."""
+    """What every layer of the group would otherwise recompute this step (plans, indices)."""
 
 
 # --------------------------------------------------------------------------------------
 # 2. Metadata builder
 # --------------------------------------------------------------------------------------
 class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
-    """Wraps vLLM's CPU builder: retrieval heads use its scheduler metadata as is."""
+    """One step's metadata per cache group, all host work of the step done here.
+
+    Piecewise CUDA graphs work (attention runs eagerly between the captured pieces); full
+    graphs would need persistent metadata buffers and shapes that do not depend on the
+    step's mix of decodes and prefills (see docs/design.md), so none are declared.
+    """
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
@@ -91,18 +113,16 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self._cpu = CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
-        # vLLM's kernel runs only on retrieval head caches. A group holding none (a
-        # streaming group, or only the model's own Attention layers, which share a head
-        # cache just to receive metadata) skips its per-step scheduling, which would
-        # also reject the model layers' query-heads-per-KV-head ratio. When the model's
-        # layers land in the same group (equal query-head counts, e.g. one KV head per
-        # rank) the metadata fits the head caches, whose ratio it then has.
-        layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, layer_names)
-        head_caches = [layer for layer in layers.values() if not isinstance(layer, Attention)]
-        self._needs_kernel_metadata = bool(head_caches) and not isinstance(
-            kv_cache_spec, DuoStreamingSpec
-        )
+        self._host_is_device = device.type == "cpu"
+        self._isa: str | None = None
+        if family_name(kernels_from_env(), device.type) == "cpu":
+            # vLLM's CPU kernel packs retrieval caches for an ISA chosen by its builder.
+            if not isinstance(kv_cache_spec, DuoStreamingSpec):
+                cpu = CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
+                self._isa = cpu.isa
+        else:
+            # Decode rows first: the GPU family runs them as one decode-kernel launch.
+            self.reorder_batch_threshold = 1
 
     def build(
         self,
@@ -111,19 +131,33 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
         fast_build: bool = False,
     ) -> DuoMetadata:
         cm = common_attn_metadata
-        retrieval = (
-            self._cpu.build(common_prefix_len, cm, fast_build)
-            if self._needs_kernel_metadata
-            else None
-        )
+        num_reqs = cm.num_reqs
+        query_start = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
+        if self._host_is_device:
+            seq_lens_host: list[int] | None = cm.seq_lens[:num_reqs].tolist()
+        elif cm.seq_lens_cpu_upper_bound is not None:
+            seq_lens_host = cm.seq_lens_cpu_upper_bound[:num_reqs].tolist()
+        else:
+            seq_lens_host = None
+        num_decodes = 0
+        while (
+            num_decodes < num_reqs and query_start[num_decodes + 1] == query_start[num_decodes] + 1
+        ):
+            num_decodes += 1
         return DuoMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            query_start_loc_host=cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist(),
-            seq_lens_host=cm.seq_lens[: cm.num_reqs].tolist(),
+            num_reqs=num_reqs,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
+            query_start_loc=cm.query_start_loc[: num_reqs + 1],
+            query_start_loc_host=query_start,
+            seq_lens=cm.seq_lens[:num_reqs],
+            seq_lens_host=seq_lens_host,
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
-            retrieval=retrieval,
-            isa=self._cpu.isa,
+            num_decodes=num_decodes,
+            num_decode_tokens=query_start[num_decodes],
+            isa=self._isa,
         )
 
 
@@ -131,13 +165,18 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
 # 3. Backend
 # --------------------------------------------------------------------------------------
 class DuoAttentionBackend(AttentionBackend):
-    """DuoAttention: full-context retrieval heads + sink/window streaming heads."""
+    """DuoAttention: full-context retrieval heads + sink/window streaming heads.
+
+    The capabilities are those of the kernel family that serves the platform: vLLM's CPU
+    kernel on CPU (the CPU platform is let through by a patch, see the ledger), the GPU
+    family elsewhere, which vLLM's CUDA selector checks with ``validate_configuration``.
+    """
 
     # forward() writes K/V itself: each head goes to its own cache, in the layout
     # of the kernel that reads it.
     forward_includes_kv_cache_update: bool = True
 
-    supported_dtypes: ClassVar[list[torch.dtype]] = list(CPUAttentionBackend.supported_dtypes)
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(_GPU_DTYPES)
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
 
     @staticmethod
@@ -154,11 +193,25 @@ class DuoAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return CPUAttentionBackend.get_supported_kernel_block_sizes(kv_cache_spec)
+        if _device_type() == "cpu":
+            return CPUAttentionBackend.get_supported_kernel_block_sizes(kv_cache_spec)
+        return [MultipleOf(_GPU_BLOCK_SIZE_MULTIPLE)]
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        return CPUAttentionBackend.get_supported_head_sizes()
+        if _device_type() == "cpu":
+            return CPUAttentionBackend.get_supported_head_sizes()
+        return list(_GPU_HEAD_SIZES)
+
+    @classmethod
+    def supports_dtype(cls, dtype: torch.dtype) -> bool:
+        if _device_type() == "cpu":
+            return dtype in CPUAttentionBackend.supported_dtypes
+        return dtype in cls.supported_dtypes
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability is not None and tuple(capability) >= _GPU_MIN_CAPABILITY
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
@@ -170,6 +223,11 @@ class DuoAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        # Connectors move whole layers' caches; DUO's per-head bounded caches are not that.
         return False
 
     @classmethod
@@ -185,6 +243,15 @@ def _refuse(what: str, value: object, allowed: str) -> DuoConfigError:
         f"--attention-backend DUO cannot serve {what}={value!r}: {allowed}. "
         "Use the stock backend for this model (drop --attention-backend DUO)."
     )
+
+
+class HeadCache(Protocol):
+    """What the impl reads of a :class:`vllm_duo.companion.DuoHeadCache`."""
+
+    layer_name: str
+    local_kv_head: int
+    retrieval: bool
+    kv_cache: torch.Tensor
 
 
 class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
@@ -204,8 +271,8 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         kv_sharing_target_layer_name: str | None = None,
         **extra_impl_args: object,
     ) -> None:
-        if not current_platform.is_cpu():
-            raise _refuse("platform", current_platform.device_name, "this release runs on CPU")
+        if _device_type() not in ("cpu", "cuda"):
+            raise _refuse("platform", current_platform.device_name, "CPU or NVIDIA CUDA")
         if attn_type != AttentionType.DECODER:
             raise _refuse("attention type", str(attn_type), "only decoder self-attention")
         if sliding_window is not None:
@@ -218,8 +285,9 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             raise _refuse(
                 "kv_sharing_target_layer_name", kv_sharing_target_layer_name, "no cross-layer KV"
             )
-        if kv_cache_dtype != "auto":
-            raise _refuse("kv_cache_dtype", kv_cache_dtype, "only 'auto'")
+        if kv_cache_dtype not in DuoAttentionBackend.supported_kv_cache_dtypes:
+            allowed = DuoAttentionBackend.supported_kv_cache_dtypes
+            raise _refuse("kv_cache_dtype", kv_cache_dtype, f"one of {allowed}")
         unsupported = {k: v for k, v in extra_impl_args.items() if v is not None}
         if unsupported:
             raise _refuse("attention options", sorted(unsupported), "none of these")
@@ -227,7 +295,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         if head_size not in head_sizes:
             raise _refuse("head_size", head_size, f"one of {head_sizes}")
         dtype = torch.get_default_dtype()
-        if dtype not in DuoAttentionBackend.supported_dtypes:
+        if not DuoAttentionBackend.supports_dtype(dtype):
             raise _refuse("dtype", str(dtype), "float32, float16 or bfloat16")
 
         self.num_heads = num_heads
@@ -238,10 +306,13 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        self.sink = 0
-        self.recent = 1
-        self.head_caches: list[DuoHeadCache] = []
+        self.dtype = dtype
+        self.head_caches: Sequence[HeadCache] = ()
         """One per local KV head, attached right after the layer is built."""
+        self.kernels: KernelFamily | None = None
+        """Chosen when the head caches are attached (:func:`vllm_duo.companion`)."""
+        self._runs: tuple[HeadRun, ...] | None = None
+        self._runs_cache_ptr = 0
 
     def forward(
         self,
@@ -273,104 +344,33 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             raise NotImplementedError("DUO does not fuse output quantization")
         if attn_metadata is None:
             return output
+        assert self.kernels is not None, "DUO layer used before its head caches were attached"
         all_metadata = get_forward_context().attn_metadata
         num_tokens = attn_metadata.num_actual_tokens
         group = self.num_queries_per_kv
-        # Streaming heads whose caches share a block table are computed together.
-        streaming: dict[int, list[DuoHeadCache]] = {}
-        for head in self.head_caches:
-            metadata: DuoMetadata = all_metadata[head.layer_name]
-            if not head.retrieval:
-                streaming.setdefault(id(metadata), []).append(head)
-                continue
-            h = head.local_kv_head
-            q = query[:num_tokens, h * group : (h + 1) * group]
-            out = self._retrieval(layer, head.kv_cache, q, key[:num_tokens, h : h + 1],
-                                  value[:num_tokens, h : h + 1], metadata)  # fmt: skip
-            output[:num_tokens, h * group : (h + 1) * group] = out
-        for heads in streaming.values():
-            self._streaming(heads, all_metadata[heads[0].layer_name], query, key, value, output)
+        q = query[:num_tokens].view(num_tokens, self.num_kv_heads, group, self.head_size)
+        out = output[:num_tokens].view(num_tokens, self.num_kv_heads, group, self.head_size)
+        k, v = key[:num_tokens], value[:num_tokens]
+        for run in self._head_runs(all_metadata):
+            step = all_metadata[run.metadata_layer]
+            self.kernels.forward_run(run, step, q, k, v, out, layer)
         return output
 
-    def _retrieval(
-        self,
-        layer: torch.nn.Module,
-        cache: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        metadata: DuoMetadata,
-    ) -> torch.Tensor:
-        """vLLM's CPU kernel over the whole context; returns [tokens, G, D]."""
-        num_blocks, _, block_size, _ = cache.shape
-        key_cache, value_cache = cache.view(num_blocks, 1, 2 * block_size, -1).chunk(2, dim=2)
-        slots = metadata.slot_mapping[: q.shape[0]]
-        ops.cpu_attn_reshape_and_cache(
-            k, v, key_cache, value_cache, slots, metadata.isa,
-            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )  # fmt: skip
-        # The kernel honours strides on its inputs but not on `output`.
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        md = metadata.retrieval
-        assert md is not None, "retrieval head scheduled in a streaming cache group"
-        ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=key_cache, value_cache=value_cache, output=out,
-            query_start_loc=md.query_start_loc, seq_lens=md.seq_lens, scale=self.scale,
-            causal=True, alibi_slopes=None, sliding_window=-1, block_table=md.block_table,
-            softcap=0, scheduler_metadata=md.scheduler_metadata, s_aux=None,
-            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )  # fmt: skip
-        return out
-
-    def _streaming(
-        self,
-        heads: list[DuoHeadCache],
-        metadata: DuoMetadata,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        output: torch.Tensor,
-    ) -> None:
-        """Sink + recent window of ``heads`` (one block table) into ``output``."""
-        num_tokens = metadata.num_actual_tokens
-        num_blocks, _, block_size, packed = heads[0].kv_cache.shape
-        rows = [h.kv_cache.view(num_blocks, 2 * block_size, packed // 2) for h in heads]
-        key_caches = [r[:, :block_size] for r in rows]
-        value_caches = [r[:, block_size:] for r in rows]
-        stored, blocks, offsets, plan = self._step_plan(metadata, block_size, num_tokens)
-        local = [h.local_kv_head for h in heads]
-        new_keys = key[:num_tokens, local]  # [T, H, D]
-        new_values = value[:num_tokens, local]
-        kept_keys, kept_values = new_keys[stored], new_values[stored]
-        for i, (k_cache, v_cache) in enumerate(zip(key_caches, value_caches)):
-            k_cache[blocks, offsets] = kept_keys[:, i].to(k_cache.dtype)
-            v_cache[blocks, offsets] = kept_values[:, i].to(v_cache.dtype)
-        group = self.num_queries_per_kv
-        q = query[:num_tokens].view(num_tokens, self.num_kv_heads, group, -1)[:, local]
-        out = sink_window_attention_heads(
-            q, key_caches, value_caches, plan, scale=self.scale,
-            new_keys=new_keys, new_values=new_values,
-        )  # fmt: skip
-        view = output[:num_tokens].view(num_tokens, self.num_kv_heads, group, -1)
-        view[:, local] = out
-
-    def _step_plan(
-        self, metadata: DuoMetadata, block_size: int, num_tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StreamingPlan]:
-        """Where this step's K/V go and which slots queries read: once per group and step."""
-        memo = metadata.step_cache
-        if "plan" not in memo:
-            slots = metadata.slot_mapping[:num_tokens]
-            # Block 0 is vLLM's null block: chunk tokens that leave the window within
-            # this step are mapped there and must not be stored.
-            stored = slots >= block_size
-            memo["stored"] = stored
-            memo["blocks"] = torch.div(slots[stored], block_size, rounding_mode="floor")
-            memo["offsets"] = slots[stored] % block_size
-            memo["plan"] = plan_streaming(
-                metadata.block_table, metadata.query_start_loc_host, metadata.seq_lens_host,
-                sink=self.sink, recent=self.recent, block_size=block_size, keys_from_step=True,
-            )  # fmt: skip
-        return memo["stored"], memo["blocks"], memo["offsets"], memo["plan"]
+    def _head_runs(self, all_metadata: dict[str, Any]) -> tuple[HeadRun, ...]:
+        """The layer's runs, planned once the caches are bound (again if vLLM rebinds them)."""
+        pointer = self.head_caches[0].kv_cache.data_ptr()
+        if self._runs is None or pointer != self._runs_cache_ptr:
+            # Layers of one cache group share one metadata object per step.
+            refs = [
+                HeadCacheRef(
+                    layer_name=head.layer_name,
+                    group=id(all_metadata[head.layer_name]),
+                    local_kv_head=head.local_kv_head,
+                    retrieval=head.retrieval,
+                    cache=head.kv_cache,
+                )
+                for head in self.head_caches
+            ]
+            self._runs = plan_runs(refs)
+            self._runs_cache_ptr = pointer
+        return self._runs

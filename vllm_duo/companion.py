@@ -15,8 +15,6 @@ so it allocates nothing itself yet still receives attention metadata.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from vllm_duo._vllm import (
@@ -26,17 +24,21 @@ from vllm_duo._vllm import (
     FullAttentionSpec,
     KVCacheSpec,
     VllmConfig,
+    current_platform,
     extract_layer_index,
     get_current_vllm_config,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
+    init_logger,
 )
 from vllm_duo.backend import DuoAttentionBackend, DuoAttentionImpl
+from vllm_duo.families import make_family
 from vllm_duo.model_plan import plan_for
+from vllm_duo.settings import ENV_KERNELS, kernels_from_env
 from vllm_duo.streaming_cache import DuoStreamingSpec
+from vllm_duo.tp_slots import cache_slots, global_kv_head
 
-STREAMING_CACHE_BOUNDED = True
-"""Streaming heads' caches free tokens outside sink + window (DuoStreamingSpec)."""
+logger = init_logger("vllm." + __name__)
 
 
 class DuoHeadCache(AttentionLayerBase):
@@ -92,65 +94,6 @@ class DuoHeadCache(AttentionLayerBase):
         return f"DuoHeadCache({self.layer_name}, {kind})"
 
 
-def global_kv_head(local: int, num_local: int, num_total: int, rank: int, world: int) -> int:
-    """The model-wide index of a rank's local KV head under tensor parallelism.
-
-    With fewer KV heads than ranks vLLM replicates each head on several ranks.
-    """
-    if num_total >= world:
-        return rank * num_local + local
-    return rank * num_total // world
-
-
-def cache_slots(retrieval: Sequence[bool], num_local: int, world: int) -> tuple[int, int]:
-    """(full-context slots, sink+window slots) every rank declares for one layer.
-
-    vLLM needs identical KV cache specs on all tensor-parallel ranks (one
-    scheduler, one block table per group), but ranks hold different numbers of
-    retrieval heads. Each rank declares as many full-context slots as the rank
-    with the most retrieval heads needs, and the rest as sink+window slots; a
-    rank with fewer retrieval heads puts its extra streaming heads in full
-    slots, where they keep every token but still attend to sink + window only.
-    So no slot is ever unused.
-
-    Args:
-        retrieval: per global KV head of the layer, True for a retrieval head.
-        num_local: KV heads per rank.
-        world: tensor-parallel size.
-    """
-    counts = _retrieval_per_rank(retrieval, num_local, world)
-    return max(counts), num_local - max(counts)
-
-
-def _retrieval_per_rank(retrieval: Sequence[bool], num_local: int, world: int) -> list[int]:
-    total = len(retrieval)
-    return [
-        sum(retrieval[global_kv_head(h, num_local, total, rank, world)] for h in range(num_local))
-        for rank in range(world)
-    ]
-
-
-def tp_overflow(
-    plan_heads, num_local: int, world: int, context_len: int, sink: int, recent: int
-) -> tuple[int, float]:
-    """(streaming heads per rank stored in full slots, extra KV bytes vs. TP=1).
-
-    Bytes are counted at ``context_len`` tokens per request: a full slot holds
-    the whole context, a sink+window slot at most ``sink + recent`` tokens.
-    """
-    kept = min(context_len, sink + recent)
-    overflow = 0
-    extra = real = 0.0
-    for layer in range(plan_heads.num_layers):
-        retrieval = [h in plan_heads.retrieval[layer] for h in range(plan_heads.num_kv_heads)]
-        counts = _retrieval_per_rank(retrieval, num_local, world)
-        for count in counts:
-            overflow += max(counts) - count
-            extra += (max(counts) - count) * (context_len - kept)
-            real += count * context_len + (num_local - count) * kept
-    return overflow // world, extra / real
-
-
 def attach_head_caches(layer: Attention) -> None:
     """Give a DUO ``Attention`` layer one :class:`DuoHeadCache` per local KV head."""
     impl = layer.impl
@@ -174,9 +117,7 @@ def attach_head_caches(layer: Attention) -> None:
         False: streaming_locals[:streaming_slots],
     }
     forward_context = vllm_config.compilation_config.static_forward_context
-    impl.sink = plan.settings.sink
-    impl.recent = plan.settings.recent
-    impl.head_caches = []
+    head_caches: list[DuoHeadCache] = []
     for full_slot in (True, False):
         for slot, local in enumerate(slot_heads[full_slot]):
             # Names are per slot, not per head, so every rank declares the same layers.
@@ -194,8 +135,17 @@ def attach_head_caches(layer: Attention) -> None:
             if name in forward_context:
                 raise ValueError(f"Duplicate layer name: {name}")
             forward_context[name] = cache
-            impl.head_caches.append(cache)
-    assert len(impl.head_caches) == num_local == full_slots + streaming_slots
+            head_caches.append(cache)
+    assert len(head_caches) == num_local == full_slots + streaming_slots
+    impl.head_caches = tuple(head_caches)
+    choice = kernels_from_env()
+    impl.kernels = make_family(
+        choice, current_platform.device_type, scale=impl.scale, sink=plan.settings.sink,
+        recent=plan.settings.recent, kv_cache_dtype=impl.kv_cache_dtype, dtype=impl.dtype,
+    )  # fmt: skip
+    logger.info_once(
+        "DuoAttention kernels (%s=%s): %s", ENV_KERNELS, choice, impl.kernels.describe()
+    )
     # The layer allocates nothing itself; sharing its first head cache makes
     # vLLM skip its KV spec and still hand it attention metadata each step.
-    layer.kv_sharing_target_layer_name = impl.head_caches[0].layer_name
+    layer.kv_sharing_target_layer_name = head_caches[0].layer_name

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 from vllm_duo._vllm import VllmConfig, init_logger
 from vllm_duo.patterns import HeadPlan, check_shape, load_gates, resolve_pattern, select_retrieval
 from vllm_duo.settings import DuoSettings
+from vllm_duo.tp_slots import tp_overflow
 
 logger = init_logger("vllm." + __name__)
+
+STREAMING_CACHE_BOUNDED = True
+"""Streaming heads' caches free tokens outside sink + window (DuoStreamingSpec)."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,6 @@ def plan_for(vllm_config: VllmConfig, settings: DuoSettings | None = None) -> Du
         if plan is None:
             plan = _build(settings, model_id, num_layers, num_kv_heads)
             _plans[key] = plan
-            from vllm_duo.companion import STREAMING_CACHE_BOUNDED, tp_overflow
-
             logger.info(
                 plan.log_line(vllm_config.model_config.max_model_len, STREAMING_CACHE_BOUNDED)
             )

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from vllm_duo.errors import DuoConfigError
 
 __all__ = [
+    "DEFAULT_KERNELS",
     "DEFAULT_RECENT",
     "DEFAULT_SINK",
     "DEFAULT_SPARSITY",
     "ENV_VARS",
+    "KERNEL_CHOICES",
     "MAX_TOKENS",
     "DuoSettings",
+    "kernels_from_env",
 ]
 
 DEFAULT_SPARSITY = 0.5
@@ -34,6 +37,16 @@ ENV_SPARSITY = "VLLM_DUO_SPARSITY"
 ENV_THRESHOLD = "VLLM_DUO_THRESHOLD"
 ENV_SINK = "VLLM_DUO_SINK"
 ENV_RECENT = "VLLM_DUO_RECENT"
+ENV_KERNELS = "VLLM_DUO_KERNELS"
+
+KERNEL_CHOICES: dict[str, str] = {
+    "auto": "the platform's fastest kernels that are installed",
+    "native": "the platform's native kernels only (vLLM's CPU kernel on CPU; the csrc/ CUDA "
+    "decode extension on NVIDIA GPUs, which must then be built)",
+    "triton": "Triton kernels for both head kinds (on CPU under TRITON_INTERPRET=1: a test "
+    "mode that runs the GPU code path)",
+}
+DEFAULT_KERNELS = "auto"
 
 ENV_VARS: dict[str, str] = {
     ENV_PATTERN: (
@@ -52,6 +65,11 @@ ENV_VARS: dict[str, str] = {
     ENV_RECENT: (
         f"Recent tokens (including the query itself) kept by streaming heads, an integer >= 1; "
         f"default {DEFAULT_RECENT}."
+    ),
+    ENV_KERNELS: (
+        f"Kernel family: {', '.join(KERNEL_CHOICES)}; default {DEFAULT_KERNELS}. "
+        + "; ".join(f"{name}: {meaning}" for name, meaning in KERNEL_CHOICES.items())
+        + "."
     ),
 }
 
@@ -249,3 +267,18 @@ class DuoSettings:
         else:
             selection = f"sparsity={self.sparsity:g}"
         return f"pattern={pattern} {selection} sink={self.sink} recent={self.recent}"
+
+
+def kernels_from_env(env: Mapping[str, str] | None = None) -> str:
+    """The kernel family chosen with ``VLLM_DUO_KERNELS`` (blank or unset: ``auto``)."""
+    source: Mapping[str, str] = os.environ if env is None else env
+    raw = source.get(ENV_KERNELS)
+    if raw is None or not raw.strip():
+        return DEFAULT_KERNELS
+    choice = raw.strip().lower()
+    if choice not in KERNEL_CHOICES:
+        raise DuoConfigError(
+            f"{ENV_KERNELS}={raw!r} is not a kernel family: expected one of "
+            f"{', '.join(KERNEL_CHOICES)} (or leave it unset for {DEFAULT_KERNELS})."
+        )
+    return choice

@@ -207,9 +207,9 @@ def _plan_prefill(
     )
 
 
-def _gather(caches: Sequence[torch.Tensor], slots: _Slots) -> torch.Tensor:
-    """[H, *slots.shape, D] rows of every head's cache."""
-    return torch.stack([cache[slots.blocks, slots.offsets] for cache in caches])
+def _gather(cache: torch.Tensor, slots: _Slots) -> torch.Tensor:
+    """[H, *slots.shape, D] rows of a [num_blocks, block_size, H, D] cache, all heads at once."""
+    return cache[slots.blocks, slots.offsets].movedim(-2, 0)
 
 
 def _step_rows(step: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -219,8 +219,8 @@ def _step_rows(step: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def sink_window_attention_heads(
     query: torch.Tensor,
-    key_caches: Sequence[torch.Tensor],
-    value_caches: Sequence[torch.Tensor],
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
     plan: StreamingPlan,
     *,
     scale: float,
@@ -234,8 +234,9 @@ def sink_window_attention_heads(
 
     Args:
         query: [num_tokens, H, G, D], the G query heads of each of the H KV heads.
-        key_caches, value_caches: H tensors [num_blocks, block_size, D] each, plain
-            row layout, sharing ``plan``'s block table; cached positions must be written.
+        key_cache, value_cache: [num_blocks, block_size, H, D], any strides (one strided
+            view over the H heads' caches), sharing ``plan``'s block table; cached positions
+            must be written.
         plan: from :func:`plan_streaming` for this step.
         scale: softmax scale.
         new_keys, new_values: [num_tokens, H, D], the step's keys/values; required
@@ -245,36 +246,37 @@ def sink_window_attention_heads(
         [num_tokens, H, G, D] in ``query.dtype``; rows past the scheduled tokens are zero.
     """
     num_tokens, num_heads, group, head_dim = query.shape
-    if len(key_caches) != num_heads or len(value_caches) != num_heads:
-        raise ValueError(
-            f"query has {num_heads} KV heads but {len(key_caches)} key and "
-            f"{len(value_caches)} value caches were given: one of each per head"
-        )
-    dtype = key_caches[0].dtype
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if cache.dim() != 4 or cache.shape[2:] != (num_heads, head_dim):
+            raise ValueError(
+                f"{name}: must be [num_blocks, block_size, H={num_heads}, D={head_dim}] "
+                f"for a query of {num_heads} KV heads, got {tuple(cache.shape)}"
+            )
+    dtype = key_cache.dtype
     if query.dtype != dtype or (new_keys is not None and new_keys.dtype != dtype):
         raise TypeError(
             f"query ({query.dtype}), step keys and caches ({dtype}) must share one dtype"
         )
     out = torch.zeros(num_tokens, num_heads, group, head_dim, dtype=dtype, device=query.device)
     if plan.decode is not None:
-        _decode(out, query, key_caches, value_caches, plan.decode, scale, new_keys, new_values)
+        _decode(out, query, key_cache, value_cache, plan.decode, scale, new_keys, new_values)
     for chunk in plan.prefill:
-        _prefill(out, query, key_caches, value_caches, chunk, scale, new_keys, new_values)
+        _prefill(out, query, key_cache, value_cache, chunk, scale, new_keys, new_values)
     return out
 
 
 def _decode(
     out: torch.Tensor,
     query: torch.Tensor,
-    key_caches: Sequence[torch.Tensor],
-    value_caches: Sequence[torch.Tensor],
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
     plan: _DecodePlan,
     scale: float,
     new_keys: torch.Tensor | None,
     new_values: torch.Tensor | None,
 ) -> None:
-    k = _gather(key_caches, plan.slots)  # [H, R, S+W, D]
-    v = _gather(value_caches, plan.slots)
+    k = _gather(key_cache, plan.slots)  # [H, R, S+W, D]
+    v = _gather(value_cache, plan.slots)
     if plan.own is not None:
         # The query's own key comes from the step: with W = 1 its block may not exist.
         assert new_keys is not None and new_values is not None
@@ -291,8 +293,8 @@ def _decode(
 def _prefill(
     out: torch.Tensor,
     query: torch.Tensor,
-    key_caches: Sequence[torch.Tensor],
-    value_caches: Sequence[torch.Tensor],
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
     plan: _PrefillPlan,
     scale: float,
     new_keys: torch.Tensor | None,
@@ -302,13 +304,13 @@ def _prefill(
     step_rows = plan.sink_step_rows.numel() + plan.band_step_rows.numel()
     if step_rows and (new_keys is None or new_values is None):
         raise ValueError("this plan reads the chunk's keys from the step: pass new_keys/values")
-    dtype = key_caches[0].dtype
+    dtype = key_cache.dtype
 
-    def keys(caches: Sequence[torch.Tensor], step: torch.Tensor | None):
-        sink = [_gather(caches, plan.sink_cache)]
+    def keys(cache: torch.Tensor, step: torch.Tensor | None):
+        sink = [_gather(cache, plan.sink_cache)]
         run = torch.zeros(num_heads, plan.band_len, head_dim, dtype=dtype, device=query.device)
         cached = plan.band_cache.blocks.numel()
-        run[:, plan.band_lead : plan.band_lead + cached] = _gather(caches, plan.band_cache)
+        run[:, plan.band_lead : plan.band_lead + cached] = _gather(cache, plan.band_cache)
         if step is not None:
             sink.append(_step_rows(step, plan.sink_step_rows))
             stepped = plan.band_step_rows.numel()
@@ -322,8 +324,8 @@ def _prefill(
         )
         return torch.cat(sink, dim=1), bands
 
-    sink_k, band_k = keys(key_caches, new_keys)
-    sink_v, band_v = keys(value_caches, new_values)
+    sink_k, band_k = keys(key_cache, new_keys)
+    sink_v, band_v = keys(value_cache, new_values)
     rows = slice(plan.first_row, plan.first_row + plan.num_queries)
     padded = plan.num_tiles * plan.tile
     q = torch.zeros(padded, num_heads, group, head_dim, dtype=dtype, device=query.device)
@@ -395,6 +397,6 @@ def sink_window_attention(
     if new_keys is not None:
         step = {"new_keys": new_keys[:, None], "new_values": new_values[:, None]}
     out = sink_window_attention_heads(
-        query[:, None], [key_cache], [value_cache], plan, scale=scale, **step
+        query[:, None], key_cache[:, :, None], value_cache[:, :, None], plan, scale=scale, **step
     )
     return out[:, 0]

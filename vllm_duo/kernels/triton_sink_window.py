@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "is_available",
+    "is_interpreted",
     "load_error",
     "sink_window_decode_triton",
     "sink_window_prefill_triton",
@@ -71,6 +72,11 @@ def is_available() -> bool:
 def load_error() -> str | None:
     """Why the kernels cannot run, or None when Triton is importable."""
     return _import_triton()
+
+
+def is_interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter in this process (imports Triton)."""
+    return _import_triton() is None and _interpreted()
 
 
 def _interpreted() -> bool:

@@ -58,12 +58,12 @@ LEDGER: tuple[Patch, ...] = (
     ),
     Patch(
         name="early_settings_validation",
-        target="vllm.platforms.cpu.CpuPlatform.check_and_update_config",
+        target="check_and_update_config of the running platform class (CpuPlatform, CudaPlatform)",
         why="Bad VLLM_DUO_* values or patterns would otherwise surface only inside the spawned "
         "engine core, behind vLLM's generic 'Engine core initialization failed'.",
         how="Wraps the classmethod: after the original, when DUO is selected it builds the "
         "model's head plan (settings, pattern, shape check) in the config-building process.",
-        remove_when="Attention backends get a config-time validation hook on the CPU platform "
+        remove_when="Attention backends get a config-time validation hook "
         "(still_needed() turns False).",
         apply=early_validation.apply,
         still_needed=early_validation.still_needed,

@@ -1,0 +1,165 @@
+"""The CPU kernel family: vLLM's CPU paged-attention kernel and the torch sink+window path.
+
+Retrieval heads: one ``cpu_attn_reshape_and_cache`` and one ``cpu_attention_with_kv_cache``
+per run, over the run's strided cache view (vLLM's CPU kernel honours the strides of its
+cache and query arguments), with scheduler metadata sized for the run's head count.
+Streaming heads: the step's kept keys/values go in with one indexed write per tensor, and
+all heads of the run are computed together by
+:func:`vllm_duo.kernels.sink_window_torch.sink_window_attention_heads` on a slot plan made
+once per step and cache group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_duo._vllm import envs, ops
+from vllm_duo.families.base import GroupStep, KVScales, select_heads, store_heads
+from vllm_duo.head_layout import HeadRun, split_pages
+from vllm_duo.kernels.sink_window_torch import (
+    StreamingPlan,
+    plan_streaming,
+    sink_window_attention_heads,
+)
+
+
+class CpuKernels:
+    """vLLM's CPU kernel for retrieval heads, torch sink+window for streaming heads."""
+
+    name = "cpu"
+
+    def __init__(
+        self,
+        *,
+        scale: float,
+        sink: int,
+        recent: int,
+        kv_cache_dtype: str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.scale = scale
+        self.sink = sink
+        self.recent = recent
+        self.kv_cache_dtype = kv_cache_dtype
+        self.dtype = dtype
+
+    def describe(self) -> str:
+        return (
+            "retrieval heads: vLLM's CPU paged-attention kernel, one call per "
+            "layer and cache group; streaming heads: torch sink+window attention, one call per "
+            "layer and cache group"
+        )
+
+    def forward_run(
+        self,
+        run: HeadRun,
+        step: GroupStep,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+        scales: KVScales,
+    ) -> None:
+        if run.retrieval:
+            self._retrieval(run, step, query, key, value, output, scales)
+        else:
+            self._streaming(run, step, query, key, value, output)
+
+    def _scheduler(
+        self, step: GroupStep, num_kv_heads: int, group: int, head_size: int
+    ) -> torch.Tensor:
+        """vLLM's CPU work split for ``num_kv_heads`` heads: once per step and head count."""
+        memo = step.step_cache.setdefault("cpu_scheduler", {})
+        if num_kv_heads not in memo:
+            memo[num_kv_heads] = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=step.num_reqs,
+                num_heads=num_kv_heads * group,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_size,
+                seq_lens=step.seq_lens,
+                dtype=self.dtype,
+                query_start_loc=step.query_start_loc,
+                causal=True,
+                sliding_window_size=-1,
+                isa=step.isa,
+                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                kv_cache_dtype=self.kv_cache_dtype,
+            )
+        return memo[num_kv_heads]
+
+    def _retrieval(
+        self,
+        run: HeadRun,
+        step: GroupStep,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+        scales: KVScales,
+    ) -> None:
+        num_tokens, _, group, head_size = query.shape
+        heads = len(run.kv_heads)
+        key_cache, value_cache = split_pages(run.cache)
+        ops.cpu_attn_reshape_and_cache(
+            select_heads(key, run), select_heads(value, run), key_cache, value_cache,
+            step.slot_mapping[:num_tokens], step.isa,
+            k_scale=scales._k_scale_float, v_scale=scales._v_scale_float,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )  # fmt: skip
+        q = select_heads(query, run).reshape(num_tokens, heads * group, head_size)
+        scheduler = self._scheduler(step, heads, group, head_size)
+        # The kernel honours strides on its inputs but not on `output`.
+        out = torch.empty(num_tokens, heads * group, head_size, dtype=query.dtype)
+        ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=key_cache, value_cache=value_cache, output=out,
+            query_start_loc=step.query_start_loc, seq_lens=step.seq_lens, scale=self.scale,
+            causal=True, alibi_slopes=None, sliding_window=-1, block_table=step.block_table,
+            softcap=0, scheduler_metadata=scheduler, s_aux=None,
+            k_scale=scales._k_scale_float, v_scale=scales._v_scale_float,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )  # fmt: skip
+        store_heads(output, run, out.view(num_tokens, heads, group, head_size))
+
+    def _streaming(
+        self,
+        run: HeadRun,
+        step: GroupStep,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+    ) -> None:
+        num_tokens = query.shape[0]
+        block_size = run.cache.shape[2]
+        stored, blocks, offsets, plan = self._step_plan(step, block_size, num_tokens)
+        key_pages, value_pages = split_pages(run.cache)
+        # [num_blocks, block_size, heads, D]: one indexed write and one gather cover all heads.
+        key_cache, value_cache = key_pages.transpose(1, 2), value_pages.transpose(1, 2)
+        new_keys, new_values = select_heads(key, run), select_heads(value, run)
+        key_cache[blocks, offsets] = new_keys[stored].to(key_cache.dtype)
+        value_cache[blocks, offsets] = new_values[stored].to(value_cache.dtype)
+        out = sink_window_attention_heads(
+            select_heads(query, run), key_cache, value_cache, plan, scale=self.scale,
+            new_keys=new_keys, new_values=new_values,
+        )  # fmt: skip
+        store_heads(output, run, out)
+
+    def _step_plan(
+        self, step: GroupStep, block_size: int, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StreamingPlan]:
+        """Where this step's K/V go and which slots queries read: once per group and step."""
+        memo = step.step_cache
+        if "plan" not in memo:
+            assert step.seq_lens_host is not None, "the CPU family needs host sequence lengths"
+            slots = step.slot_mapping[:num_tokens]
+            # Block 0 is vLLM's null block: chunk tokens that leave the window within
+            # this step are mapped there and must not be stored.
+            stored = slots >= block_size
+            memo["stored"] = stored
+            memo["blocks"] = torch.div(slots[stored], block_size, rounding_mode="floor")
+            memo["offsets"] = slots[stored] % block_size
+            memo["plan"] = plan_streaming(
+                step.block_table, step.query_start_loc_host, step.seq_lens_host,
+                sink=self.sink, recent=self.recent, block_size=block_size, keys_from_step=True,
+            )  # fmt: skip
+        return memo["stored"], memo["blocks"], memo["offsets"], memo["plan"]
