@@ -38,6 +38,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.attention.selector import AttentionSelectorConfig
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import (
     KVCacheBlock,
@@ -61,6 +62,7 @@ __all__ = [
     "AttentionImpl",
     "AttentionLayerBase",
     "AttentionMetadataBuilder",
+    "AttentionSelectorConfig",
     "AttentionType",
     "BlockPool",
     "CPUAttentionBackend",
@@ -81,6 +83,7 @@ __all__ = [
     "current_platform",
     "envs",
     "extract_layer_index",
+    "flash_attn_varlen",
     "get_current_vllm_config",
     "get_forward_context",
     "get_layers_from_vllm_config",
@@ -91,4 +94,32 @@ __all__ = [
     "ops",
     "register_backend",
     "resolve_block_hashes",
+    "triton_unified_attention",
 ]
+
+
+def flash_attn_varlen():
+    """(vLLM's FlashAttention varlen function, its version picker), or None where vLLM was
+    built without it (CPU builds) or no CUDA device is visible."""
+    import torch
+
+    try:
+        from vllm.v1.attention.backends import fa_utils
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not fa_utils.is_flash_attn_varlen_func_available():
+        return None
+    return fa_utils.flash_attn_varlen_func, fa_utils.get_flash_attn_version
+
+
+def triton_unified_attention():
+    """vLLM's Triton unified paged attention, or None where vLLM runs without Triton (its
+    CPU build disables Triton) or no CUDA device is visible."""
+    import torch
+
+    try:
+        from vllm.triton_utils import HAS_TRITON
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    except ImportError:
+        return None
+    return unified_attention if HAS_TRITON and torch.cuda.is_available() else None

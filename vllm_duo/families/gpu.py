@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from vllm_duo import cuda_ops
+from vllm_duo._vllm import flash_attn_varlen, triton_unified_attention
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.families.base import GroupStep, KVScales, select_heads, store_heads
 from vllm_duo.head_layout import HeadRun, split_pages
@@ -33,24 +34,11 @@ TRITON_DECODE = "vllm-duo Triton decode"
 
 
 def _flash_attn():
-    """vLLM's FlashAttention varlen function and version, or None where it is not built."""
-    try:
-        from vllm.v1.attention.backends import fa_utils
-    except ImportError:
-        return None
-    if not torch.cuda.is_available() or not fa_utils.is_flash_attn_varlen_func_available():
-        return None
-    return fa_utils.flash_attn_varlen_func, fa_utils.get_flash_attn_version
+    return flash_attn_varlen()
 
 
 def _unified_attention():
-    """vLLM's Triton unified attention, or None where vLLM runs without Triton."""
-    try:
-        from vllm.triton_utils import HAS_TRITON
-        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
-    except ImportError:
-        return None
-    return unified_attention if HAS_TRITON and torch.cuda.is_available() else None
+    return triton_unified_attention()
 
 
 def pick_kernels(choice: str, device_type: str) -> tuple[str, str]:
