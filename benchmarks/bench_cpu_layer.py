@@ -62,13 +62,14 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-HEADS, GROUP, HEAD_SIZE, BLOCK_SIZE = 8, 4, 128, 128
+BLOCK_SIZE = 128
 
 
-def _runs(context: int, retrieval: list[int], dtype: torch.dtype):
+def _runs(context: int, retrieval: list[int], dtype: torch.dtype, shape: argparse.Namespace):
     """The layer's two runs over one-head caches laid out like vLLM's (one region each)."""
     from vllm_duo.head_layout import HeadRun
 
+    HEADS, HEAD_SIZE = shape.kv_heads, shape.head_size
     num_blocks = context // BLOCK_SIZE + 2
     page = BLOCK_SIZE * 2 * HEAD_SIZE
     buffer = torch.randn(HEADS * num_blocks * page).to(dtype)
@@ -93,9 +94,10 @@ def _case(context: int, tokens: int, args: argparse.Namespace, family, isa: str)
     from vllm_duo._vllm import ops
     from vllm_duo.head_layout import split_pages
 
+    HEADS, GROUP, HEAD_SIZE = args.kv_heads, args.group, args.head_size
     dtype, scale = torch.bfloat16, HEAD_SIZE**-0.5
     retrieval = list(range(0, 2 * args.retrieval, 2))[: args.retrieval]  # not contiguous
-    runs, num_blocks = _runs(context, retrieval, dtype)
+    runs, num_blocks = _runs(context, retrieval, dtype, args)
     blocks = torch.randperm(num_blocks - 1)[: -(-context // BLOCK_SIZE)] + 1
     step = _Step(context, tokens, BLOCK_SIZE, blocks, isa)
     query = torch.randn(tokens, HEADS, GROUP, HEAD_SIZE).to(dtype)
@@ -133,7 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="4096,8192,32768")
     parser.add_argument("--phase", choices=("decode", "prefill", "both"), default="both")
-    parser.add_argument("--retrieval", type=int, default=4, help="retrieval heads of 8")
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    parser.add_argument("--head-size", type=int, default=128)
+    parser.add_argument("--retrieval", type=int, default=4, help="retrieval heads of the layer")
     parser.add_argument("--sink", type=int, default=64)
     parser.add_argument("--recent", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -146,14 +151,15 @@ def main() -> None:
     from vllm_duo.families.cpu import CpuKernels
 
     isa = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
-    family = CpuKernels(scale=HEAD_SIZE**-0.5, sink=args.sink, recent=args.recent,
+    family = CpuKernels(scale=args.head_size**-0.5, sink=args.sink, recent=args.recent,
                         kv_cache_dtype="auto", dtype=torch.bfloat16)  # fmt: skip
     if args.torch_path:
         family.native = False
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         cpuinfo = f.read()
     flags = [flag for flag in ("amx_tile", "avx512_bf16", "avx512f") if flag in cpuinfo]
-    print(f"one layer, 32q/8kv heads d=128 bf16, {args.retrieval} retrieval heads, "
+    print(f"one layer, {args.kv_heads * args.group}q/{args.kv_heads}kv heads "
+          f"d={args.head_size} bf16, {args.retrieval} retrieval heads, "
           f"S={args.sink} W={args.recent}, threads={torch.get_num_threads()}, isa={isa}, "
           f"cpu flags: {' '.join(flags) or 'no AVX-512/AMX'}, streaming: "
           f"{'C++ op' if family.native else 'torch'} (least of {args.repeats})")  # fmt: skip

@@ -48,6 +48,8 @@ struct SinkWindowArgs {
 // a tile's scores, key rows and accumulators stay in L1/L2.
 constexpr int64_t kKeyChunk = 32;
 constexpr int64_t kQueryTile = 16;
+// From this many query rows (queries x G) on, transposing a chunk's keys pays for itself.
+constexpr int64_t kTransposeRows = 16;
 
 // exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * e^r with
 // r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial (relative error < 2e-7);
@@ -87,6 +89,62 @@ inline std::vector<QueryTile> query_tiles(const SinkWindowArgs& a) {
   return tiles;
 }
 
+// 16 fp32 lanes as a GCC/Clang vector: kept in registers (one zmm with AVX-512, split by
+// the compiler on narrower ISAs). The unaligned alias type reads and writes float rows.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+
+inline float sum16(v16 x) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[1]) + (q[2] + q[3]);
+}
+
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+inline v16 max16(v16 a, v16 b) { return a > b ? a : b; }
+
+inline float hmax16(v16 x) {
+  float m = x[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// exp of 16 lanes, each <= 0 or -inf, as exp_nonpositive below (same polynomial).
+inline v16 exp16_nonpositive(v16 x) {
+  const i16 tiny = x < -87.0f;
+  x = max16(x, v16{} - 87.0f);
+  // Round to nearest by adding and removing 1.5 * 2^23 (|x * log2e| < 2^22 here).
+  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  v16 poly = r * (1.0f / 720.0f) + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+  return reinterpret_cast<const v16&>(bits) * poly * (tiny ? 0.0f : 1.0f + v16{});
+}
+
+// Dot product of two fp32 rows of length n (a multiple of 16), two independent chains.
+inline float dot_product(const float* a, const float* b, int64_t n) {
+  v16 even = {}, odd = {};
+  int64_t d = 0;
+  for (; d + 32 <= n; d += 32) {
+    even += load16(a + d) * load16(b + d);
+    odd += load16(a + d + 16) * load16(b + d + 16);
+  }
+  if (d < n) even += load16(a + d) * load16(b + d);
+  return sum16(even + odd);
+}
+
 template <typename T, typename ToFloat>
 inline void to_float_row(const T* src, float* dst, int64_t n, ToFloat to_float) {
 #pragma omp simd
@@ -102,7 +160,7 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t G = a.group, D = a.head_size, rows_max = kQueryTile * G;
   std::vector<float> q(rows_max * D), acc(rows_max * D), scores(rows_max * kKeyChunk);
-  std::vector<float> keys_t(D * kKeyChunk), value_rows(kKeyChunk * D);
+  std::vector<float> keys_t(D * kKeyChunk), key_rows(kKeyChunk * D), value_rows(kKeyChunk * D);
   std::vector<float> running_max(rows_max), running_sum(rows_max);
   std::vector<char> present(kKeyChunk);
   const T* query = static_cast<const T*>(a.query);
@@ -122,6 +180,7 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
     const int64_t pos0 = first + (tile.first_token - chunk_start);  // the tile's first query
     const int64_t pos1 = pos0 + tile.num_queries - 1;               // and its last
     const int64_t rows = tile.num_queries * G;                       // row = query * G + g
+    const bool transposed = rows >= kTransposeRows;
 
     for (int64_t i = 0; i < tile.num_queries; ++i) {
       for (int64_t g = 0; g < G; ++g) {
@@ -136,80 +195,119 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
     std::fill(running_max.begin(), running_max.begin() + rows, kNegInf);
     std::fill(running_sum.begin(), running_sum.begin() + rows, 0.0f);
 
-    // Row j of the cache (or, for the chunk's own positions, of the step's K/V); nullptr
-    // when its block id is out of range.
-    auto locate = [&](int64_t j, const T* cache, int64_t s_block, int64_t s_slot,
-                      int64_t s_head, const T* step, int64_t s_token,
-                      int64_t s_step_head) -> const T* {
-      if (j >= first) return step + (chunk_start + j - first) * s_token + head * s_step_head;
-      const int64_t block = a.block_table[tile.req * a.bt_row + j / a.block_size];
-      if (block < 0 || block >= a.num_blocks) return nullptr;
-      return cache + block * s_block + (j % a.block_size) * s_slot + run_head * s_head;
+    // Key and value rows of positions [j0, j0 + count): from the cache through the block
+    // table, or for the chunk's own positions from the step's K/V; nullptr where a block id
+    // is out of range. Walks blocks incrementally: no division per key.
+    const T* key_ptr[kKeyChunk];
+    const T* value_ptr[kKeyChunk];
+    auto locate_chunk = [&](int64_t j0, int64_t count) {
+      int64_t block_index = j0 / a.block_size, offset = j0 % a.block_size;
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t j = j0 + c;
+        if (j >= first) {
+          const int64_t row = chunk_start + j - first;
+          key_ptr[c] = new_keys + row * a.nk_token + head * a.nk_head;
+          value_ptr[c] = new_values + row * a.nv_token + head * a.nv_head;
+        } else {
+          const int64_t block = a.block_table[tile.req * a.bt_row + block_index];
+          const bool valid = block >= 0 && block < a.num_blocks;
+          key_ptr[c] = valid ? keys + block * a.k_block + offset * a.k_slot + run_head * a.k_head
+                             : nullptr;
+          value_ptr[c] = valid ? values + block * a.v_block + offset * a.v_slot +
+                                     run_head * a.v_head
+                               : nullptr;
+        }
+        if (++offset == a.block_size) {
+          offset = 0;
+          ++block_index;
+        }
+      }
+      for (int64_t c = count; c < kKeyChunk; ++c) key_ptr[c] = value_ptr[c] = nullptr;
     };
 
     // Keys any query of the tile sees: the sinks, then the union of the tile's windows.
     const int64_t sink_end = std::min(a.sink, pos1 + 1);
     const int64_t window_start = std::max(a.sink, pos0 - a.recent + 1);
     const int64_t ranges[2][2] = {{0, sink_end}, {window_start, pos1 + 1}};
-    for (const auto& range : ranges) {
+    const i16 lane_lo = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const i16 lane_hi = lane_lo + 16;
+    for (int in_window = 0; in_window < 2; ++in_window) {
+      const auto& range = ranges[in_window];
       for (int64_t j0 = range[0]; j0 < range[1]; j0 += kKeyChunk) {
         const int64_t count = std::min(kKeyChunk, range[1] - j0);
-        // Keys of the chunk transposed, [D][kKeyChunk], zero past `count`: the score
-        // loop then runs over keys, contiguous, with no horizontal sums.
+        // Many rows (a prefill tile): keys transposed, [D][kKeyChunk], so the score loop
+        // runs over keys, contiguous, with no horizontal sums. Few rows (decode): plain key
+        // rows and one dot product per row and key, which skips the transposition.
+        locate_chunk(j0, count);
         for (int64_t c = 0; c < kKeyChunk; ++c) {
-          const T* k = c < count ? locate(j0 + c, keys, a.k_block, a.k_slot, a.k_head,
-                                          new_keys, a.nk_token, a.nk_head)
-                                 : nullptr;
+          const T* k = key_ptr[c];
           present[c] = k != nullptr;
           if (c < count && k == nullptr) ok = false;
-          for (int64_t d = 0; d < D; ++d)
-            keys_t[d * kKeyChunk + c] = k != nullptr ? to_float(k[d]) : 0.0f;
+          if (transposed) {
+            for (int64_t d = 0; d < D; ++d)
+              keys_t[d * kKeyChunk + c] = k != nullptr ? to_float(k[d]) : 0.0f;
+          } else if (k != nullptr) {
+            to_float_row(k, key_rows.data() + c * D, D, to_float);
+          }
+        }
+        i16 present_lo, present_hi;
+        for (int c = 0; c < 16; ++c) {
+          present_lo[c] = present[c] ? -1 : 0;
+          present_hi[c] = present[c + 16] ? -1 : 0;
         }
         for (int64_t row = 0; row < rows; ++row) {
           const float* qrow = q.data() + row * D;
           float dots[kKeyChunk] = {};
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qrow[d];
-            const float* kt = keys_t.data() + d * kKeyChunk;
-#pragma omp simd
-            for (int64_t c = 0; c < kKeyChunk; ++c) dots[c] += qd * kt[c];
+          if (transposed) {
+            // Keys 0-15 and 16-31, even and odd d: four independent FMA chains.
+            v16 lo_even = {}, hi_even = {}, lo_odd = {}, hi_odd = {};
+            for (int64_t d = 0; d < D; d += 2) {
+              const float* k0 = keys_t.data() + d * kKeyChunk;
+              const float* k1 = k0 + kKeyChunk;
+              lo_even += qrow[d] * load16(k0);
+              hi_even += qrow[d] * load16(k0 + 16);
+              lo_odd += qrow[d + 1] * load16(k1);
+              hi_odd += qrow[d + 1] * load16(k1 + 16);
+            }
+            store16(dots, lo_even + lo_odd);
+            store16(dots + 16, hi_even + hi_odd);
+          } else {
+            for (int64_t c = 0; c < count; ++c) {
+              if (!present[c]) continue;
+              dots[c] = dot_product(qrow, key_rows.data() + c * D, D);
+            }
           }
+          // The row's visible keys in this chunk form one interval [lo, hi): a sink
+          // chunk shows keys up to the query, a window chunk its last `recent` keys.
           const int64_t pos = pos0 + row / G;
-          float* s = scores.data() + row * kKeyChunk;
-          for (int64_t c = 0; c < kKeyChunk; ++c) {
-            const int64_t j = j0 + c;
-            const bool visible =
-                present[c] && j <= pos && (j < a.sink || j > pos - a.recent);
-            s[c] = visible ? dots[c] : kNegInf;
-          }
-        }
-        for (int64_t row = 0; row < rows; ++row) {
-          float* s = scores.data() + row * kKeyChunk;
-          float chunk_max = running_max[row];
-          for (int64_t c = 0; c < kKeyChunk; ++c) chunk_max = std::max(chunk_max, s[c]);
+          const int32_t hi = static_cast<int32_t>(std::clamp<int64_t>(pos - j0 + 1, 0, count));
+          const int32_t lo = in_window ? static_cast<int32_t>(std::clamp<int64_t>(
+                                             pos - a.recent + 1 - j0, 0, kKeyChunk))
+                                       : 0;
+          const v16 neg_inf = v16{} + kNegInf;
+          v16 s0 = load16(dots), s1 = load16(dots + 16);
+          s0 = (lane_lo >= lo) & (lane_lo < hi) & present_lo ? s0 : neg_inf;
+          s1 = (lane_hi >= lo) & (lane_hi < hi) & present_hi ? s1 : neg_inf;
+          float* out_p = scores.data() + row * kKeyChunk;
+          const float chunk_max = std::max(running_max[row], hmax16(max16(s0, s1)));
           if (chunk_max == kNegInf) {
-            std::fill(s, s + kKeyChunk, 0.0f);
+            store16(out_p, v16{});
+            store16(out_p + 16, v16{});
             continue;
           }
           const float rescale = exp_nonpositive(running_max[row] - chunk_max);
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < kKeyChunk; ++c) {
-            s[c] = exp_nonpositive(s[c] - chunk_max);
-            sum += s[c];
-          }
+          const v16 p0 = exp16_nonpositive(s0 - chunk_max), p1 = exp16_nonpositive(s1 - chunk_max);
+          store16(out_p, p0);
+          store16(out_p + 16, p1);
           running_max[row] = chunk_max;
-          running_sum[row] = running_sum[row] * rescale + sum;
+          running_sum[row] = running_sum[row] * rescale + sum16(p0 + p1);
           if (rescale != 1.0f) {
             float* acc_row = acc.data() + row * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) acc_row[d] *= rescale;
+            for (int64_t d = 0; d < D; d += 16) store16(acc_row + d, load16(acc_row + d) * rescale);
           }
         }
         for (int64_t c = 0; c < count; ++c) {
-          const T* v = present[c] ? locate(j0 + c, values, a.v_block, a.v_slot, a.v_head,
-                                           new_values, a.nv_token, a.nv_head)
-                                  : nullptr;
+          const T* v = present[c] ? value_ptr[c] : nullptr;
           float* vrow = value_rows.data() + c * D;
           if (v == nullptr) {
             std::fill(vrow, vrow + D, 0.0f);
@@ -217,23 +315,24 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
           }
           to_float_row(v, vrow, D, to_float);
         }
-        // acc += P V, in 16-wide column blocks that stay in a register over the keys.
+        // acc += P V, in 16-wide column blocks held in registers over the keys, with four
+        // partial sums so consecutive keys do not wait on each other's FMA.
         constexpr int64_t kCols = 16;
         for (int64_t row = 0; row < rows; ++row) {
           const float* p = scores.data() + row * kKeyChunk;
           float* acc_row = acc.data() + row * D;
           for (int64_t d0 = 0; d0 < D; d0 += kCols) {
-            float block[kCols];
-#pragma omp simd
-            for (int64_t dd = 0; dd < kCols; ++dd) block[dd] = acc_row[d0 + dd];
-            for (int64_t c = 0; c < count; ++c) {
-              const float weight = p[c];
-              const float* vrow = value_rows.data() + c * D + d0;
-#pragma omp simd
-              for (int64_t dd = 0; dd < kCols; ++dd) block[dd] += weight * vrow[dd];
+            v16 part0 = {}, part1 = {}, part2 = {}, part3 = {};
+            const float* vcol = value_rows.data() + d0;
+            int64_t c = 0;
+            for (; c + 4 <= count; c += 4) {
+              part0 += p[c] * load16(vcol + c * D);
+              part1 += p[c + 1] * load16(vcol + (c + 1) * D);
+              part2 += p[c + 2] * load16(vcol + (c + 2) * D);
+              part3 += p[c + 3] * load16(vcol + (c + 3) * D);
             }
-#pragma omp simd
-            for (int64_t dd = 0; dd < kCols; ++dd) acc_row[d0 + dd] = block[dd];
+            for (; c < count; ++c) part0 += p[c] * load16(vcol + c * D);
+            store16(acc_row + d0, load16(acc_row + d0) + ((part0 + part1) + (part2 + part3)));
           }
         }
       }

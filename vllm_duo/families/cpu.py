@@ -18,7 +18,7 @@ from vllm_duo import cpu_ops
 from vllm_duo._vllm import envs, ops
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.families.base import GroupStep, KVScales, select_heads, store_heads
-from vllm_duo.head_layout import HeadRun, split_pages
+from vllm_duo.head_layout import HeadRun
 from vllm_duo.kernels.sink_window_torch import (
     StreamingPlan,
     plan_streaming,
@@ -114,7 +114,7 @@ class CpuKernels:
     ) -> None:
         num_tokens, _, group, head_size = query.shape
         heads = len(run.kv_heads)
-        key_cache, value_cache = split_pages(run.cache)
+        key_cache, value_cache = run.key_pages, run.value_pages
         ops.cpu_attn_reshape_and_cache(
             select_heads(key, run), select_heads(value, run), key_cache, value_cache,
             step.slot_mapping[:num_tokens], step.isa,
@@ -146,9 +146,8 @@ class CpuKernels:
     ) -> None:
         num_tokens = query.shape[0]
         block_size = run.cache.shape[2]
-        key_pages, value_pages = split_pages(run.cache)
         # [num_blocks, block_size, heads, D]: one write and one gather cover all heads.
-        key_cache, value_cache = key_pages.transpose(1, 2), value_pages.transpose(1, 2)
+        key_cache, value_cache = run.keys, run.values
         if self.native:
             # Block 0 is vLLM's null block: chunk tokens that leave the window within
             # this step are mapped there and are not stored.

@@ -22,7 +22,7 @@ from vllm_duo import cuda_ops
 from vllm_duo._vllm import flash_attn_varlen, triton_unified_attention
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.families.base import GroupStep, KVScales, select_heads, store_heads
-from vllm_duo.head_layout import HeadRun, split_pages
+from vllm_duo.head_layout import HeadRun
 from vllm_duo.kernels import triton_sink_window as duo_triton
 from vllm_duo.settings import ENV_KERNELS
 
@@ -117,9 +117,8 @@ class GpuKernels:
     ) -> None:
         num_tokens, _, group, head_size = query.shape
         heads = len(run.kv_heads)
-        key_pages, value_pages = split_pages(run.cache)
         # [num_blocks, block_size, heads, D]: the order vLLM's CUDA kernels and ours read.
-        key_cache, value_cache = key_pages.transpose(1, 2), value_pages.transpose(1, 2)
+        key_cache, value_cache = run.keys, run.values
         new_keys, new_values = select_heads(key, run), select_heads(value, run)
         blocks, offsets = _write_slots(step, key_cache.shape[1], num_tokens)
         key_cache[blocks, offsets] = new_keys.to(key_cache.dtype)
