@@ -55,7 +55,10 @@ class HeadRun:
     cache: torch.Tensor
     """[num_blocks, len(kv_heads), block_size, C] view over the heads' caches."""
     head_range: slice | None = field(init=False)
-    """The heads as a slice when they are consecutive and ascending (no gather needed)."""
+    """The heads as a slice when they are consecutive and ascending (a contiguous view)."""
+    head_slice: slice | None = field(init=False)
+    """The heads as a slice when they are equally spaced and ascending, e.g. 0, 2 (a strided
+    view: no gather needed)."""
     index: torch.Tensor = field(init=False)
     """``kv_heads`` as a long tensor on the cache's device (for gathers and scatters)."""
     key_pages: torch.Tensor = field(init=False)
@@ -73,9 +76,13 @@ class HeadRun:
                 f"cache {tuple(self.cache.shape)}"
             )
         first, count = self.kv_heads[0], len(self.kv_heads)
-        consecutive = self.kv_heads == tuple(range(first, first + count))
+        step = self.kv_heads[1] - first if count > 1 else 1
+        spaced = step > 0 and self.kv_heads == tuple(range(first, first + count * step, step))
         # frozen: derived fields are set once here.
-        object.__setattr__(self, "head_range", slice(first, first + count) if consecutive else None)
+        object.__setattr__(
+            self, "head_slice", slice(first, first + count * step, step) if spaced else None
+        )
+        object.__setattr__(self, "head_range", self.head_slice if spaced and step == 1 else None)
         index = torch.tensor(self.kv_heads, dtype=torch.long, device=self.cache.device)
         object.__setattr__(self, "index", index)
         key_pages, value_pages = split_pages(self.cache)

@@ -84,7 +84,7 @@ class KernelFamily(Protocol):
 
 def select_heads(tensor: torch.Tensor, run: HeadRun) -> torch.Tensor:
     """``tensor[:, run heads]`` of a [tokens, num_kv_heads, ...] tensor: a view when it can be."""
-    heads = run.head_range
+    heads = run.head_slice
     if heads is not None:
         return tensor[:, heads]
     return tensor.index_select(1, run.index)
@@ -92,7 +92,7 @@ def select_heads(tensor: torch.Tensor, run: HeadRun) -> torch.Tensor:
 
 def store_heads(output: torch.Tensor, run: HeadRun, values: torch.Tensor) -> None:
     """``output[:, run heads] = values`` for a [tokens, num_kv_heads, ...] output."""
-    heads = run.head_range
+    heads = run.head_slice
     if heads is not None:
         output[:, heads] = values
     else:
