@@ -155,13 +155,12 @@ def main() -> None:
                         kv_cache_dtype="auto", dtype=torch.bfloat16)  # fmt: skip
     if args.torch_path:
         family.native = False
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        cpuinfo = f.read()
-    flags = [flag for flag in ("amx_tile", "avx512_bf16", "avx512f") if flag in cpuinfo]
+    from vllm_duo.bench.run import machine_description
+
     print(f"one layer, {args.kv_heads * args.group}q/{args.kv_heads}kv heads "
           f"d={args.head_size} bf16, {args.retrieval} retrieval heads, "
           f"S={args.sink} W={args.recent}, threads={torch.get_num_threads()}, isa={isa}, "
-          f"cpu flags: {' '.join(flags) or 'no AVX-512/AMX'}, streaming: "
+          f"{machine_description()}, streaming: "
           f"{'C++ op' if family.native else 'torch'} (least of {args.repeats})")  # fmt: skip
     print(f"{'context':>8} {'phase':>8} {'stock ms':>10} {'DUO ms':>10} {'DUO/stock':>10}")
     phases = ("decode", "prefill") if args.phase == "both" else (args.phase,)

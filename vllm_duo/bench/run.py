@@ -207,7 +207,7 @@ def run_bench(
         },
         "pattern": str(pattern),
         "retrieval_fraction": float(retrieval.mean()),
-        "machine": _machine(),
+        "machine": machine_description(),
         "gpu": _gpu_name(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "wall_s": time.time() - started,
@@ -220,17 +220,25 @@ def run_bench(
     }
 
 
-def _machine() -> str:
-    """E.g. 'Intel(R) Xeon(R) Processor, 2 CPUs' (the CPU model from /proc/cpuinfo)."""
+# The instruction sets that decide which CPU attention kernel runs (vLLM's AMX path needs
+# amx_bf16; its vectorised path uses AVX-512 where present): results differ by them.
+CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+
+
+def machine_description() -> str:
+    """E.g. 'AMD EPYC, 2 CPUs, flags avx512_bf16 avx512f avx2' (from /proc/cpuinfo)."""
     model = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} CPUs"
+    present = [flag for flag in CPU_FLAGS if flag in flags] or ["none of " + "/".join(CPU_FLAGS)]
+    return f"{model}, {os.cpu_count()} CPUs, flags {' '.join(present)}"
 
 
 def _gpu_name() -> str | None:
