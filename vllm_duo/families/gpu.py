@@ -53,8 +53,31 @@ def _unified_attention():
     return unified_attention if HAS_TRITON and torch.cuda.is_available() else None
 
 
-def pick_kernels(choice: str, device_type: str) -> tuple[str, str]:
-    """(retrieval kernel, streaming decode kernel) for ``VLLM_DUO_KERNELS=choice``."""
+# What the csrc/ decode extension serves (csrc/README.md, "Layout"); anything else goes to
+# the Triton decode kernel, which takes any head size up to 256 and any block size.
+CSRC_DTYPES = (torch.float16, torch.bfloat16)
+CSRC_HEAD_SIZES = (64, 128, 256)
+CSRC_BLOCK_SIZES = (16, 32, 64, 128)
+# vLLM's FlashAttention takes fp16/bf16 only, head sizes that are multiples of 8 up to 256.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _flash_serves(dtype: torch.dtype, head_size: int) -> bool:
+    return dtype in FLASH_DTYPES and head_size % 8 == 0 and head_size <= 256
+
+
+def _csrc_serves(dtype: torch.dtype, head_size: int) -> bool:
+    return dtype in CSRC_DTYPES and head_size in CSRC_HEAD_SIZES
+
+
+def pick_kernels(
+    choice: str, device_type: str, *, dtype: torch.dtype, head_size: int
+) -> tuple[str, str]:
+    """(retrieval kernel, streaming decode kernel) for ``VLLM_DUO_KERNELS=choice``.
+
+    The fastest installed kernel that serves the model's dtype and head size: FlashAttention
+    needs fp16/bf16, the csrc decode kernel fp16/bf16 and head sizes 64/128/256.
+    """
     if device_type == "cpu":
         if choice != "triton":
             raise DuoConfigError(
@@ -67,19 +90,26 @@ def pick_kernels(choice: str, device_type: str) -> tuple[str, str]:
     if choice == "triton":
         retrieval = TRITON_UNIFIED if _unified_attention() is not None else DUO_TRITON
         return retrieval, TRITON_DECODE
-    if _flash_attn() is not None:
+    if _flash_serves(dtype, head_size) and _flash_attn() is not None:
         retrieval = FLASH_ATTN
     elif _unified_attention() is not None:
         retrieval = TRITON_UNIFIED
     else:
         retrieval = DUO_TRITON
-    if cuda_ops.is_available():
+    if cuda_ops.is_available() and _csrc_serves(dtype, head_size):
         return retrieval, CSRC_DECODE
     if choice == "native":
+        if not cuda_ops.is_available():
+            reason = str(cuda_ops.load_error())
+        else:
+            reason = (
+                f"it serves dtype float16/bfloat16 and head sizes {CSRC_HEAD_SIZES}, this model "
+                f"has dtype {str(dtype).removeprefix('torch.')} and head size {head_size}"
+            )
         raise DuoConfigError(
-            f"{ENV_KERNELS}=native needs the csrc/ CUDA decode extension, but "
-            f"{cuda_ops.load_error()}. Rebuild with `pip install -e '.[cuda]'` on a machine "
-            f"with nvcc, or set {ENV_KERNELS}=auto to use the Triton decode kernel."
+            f"{ENV_KERNELS}=native needs the csrc/ CUDA decode extension, but {reason}. "
+            f"Rebuild with `pip install -e '.[cuda]'` on a machine with nvcc if it is missing, "
+            f"or set {ENV_KERNELS}=auto to use the Triton decode kernel."
         )
     return retrieval, TRITON_DECODE
 
@@ -98,8 +128,12 @@ class GpuKernels:
         sink: int,
         recent: int,
         kv_cache_dtype: str,
+        dtype: torch.dtype,
+        head_size: int,
     ) -> None:
-        self.retrieval_kernel, self.decode_kernel = pick_kernels(choice, device_type)
+        self.retrieval_kernel, self.decode_kernel = pick_kernels(
+            choice, device_type, dtype=dtype, head_size=head_size
+        )
         if device_type == "cpu" and not duo_triton.is_interpreted():
             raise DuoConfigError(
                 f"{ENV_KERNELS}=triton on CPU runs Triton's interpreter: set "
@@ -133,9 +167,7 @@ class GpuKernels:
         # [num_blocks, block_size, heads, D]: the order vLLM's CUDA kernels and ours read.
         key_cache, value_cache = key_pages.transpose(1, 2), value_pages.transpose(1, 2)
         new_keys, new_values = select_heads(key, run), select_heads(value, run)
-        blocks, offsets = _write_slots(step, key_cache.shape[1], num_tokens)
-        key_cache[blocks, offsets] = new_keys.to(key_cache.dtype)
-        value_cache[blocks, offsets] = new_values.to(value_cache.dtype)
+        write_run(step, key_cache, value_cache, new_keys, new_values)
 
         q = select_heads(query, run).reshape(num_tokens, heads * group, head_size)
         direct = run.head_range is not None
@@ -184,9 +216,10 @@ class GpuKernels:
                 v_descale=None,
             )  # fmt: skip
             return
-        # Full causal attention is the streaming rule with no sink and a window longer
-        # than any sequence of the step.
-        window = max(step.max_seq_len, 1)
+        # Full causal attention is the streaming rule with no sink and a window as long as
+        # the block table can address. Taken from shapes, not from the step's longest
+        # sequence: a host value of the step would be frozen into a captured CUDA graph.
+        window = step.block_table.shape[1] * key_cache.shape[1]
         self._sink_window(step, q, key_cache, value_cache, None, None, out, 0, window)
 
     def _streaming(
@@ -201,7 +234,8 @@ class GpuKernels:
         out: torch.Tensor,
     ) -> None:
         decodes = step.num_decodes
-        if decodes and self.decode_kernel == CSRC_DECODE:
+        # The extension takes blocks of 16..128 tokens; other block sizes use Triton's decode.
+        if decodes and self.decode_kernel == CSRC_DECODE and key_cache.shape[1] in CSRC_BLOCK_SIZES:
             cuda_ops.sink_window_decode_heads(
                 q[:decodes], [run.cache[:, h : h + 1] for h in range(len(run.kv_heads))],
                 step.block_table[:decodes], step.seq_lens[:decodes], sink=self.sink,
@@ -259,6 +293,24 @@ class GpuKernels:
             new_keys=None if new_keys is None else new_keys[rows],
             new_values=None if new_values is None else new_values[rows], out=out[rows],
         )  # fmt: skip
+
+
+def write_run(
+    step: GroupStep,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+) -> None:
+    """The step's keys/values of a run's heads into its caches: one indexed store each.
+
+    Args:
+        key_cache, value_cache: [num_blocks, block_size, heads, D] views of the run's pages.
+        new_keys, new_values: [num_tokens, heads, D] in the order of the views' head axis.
+    """
+    blocks, offsets = _write_slots(step, key_cache.shape[1], new_keys.shape[0])
+    key_cache[blocks, offsets] = new_keys.to(key_cache.dtype)
+    value_cache[blocks, offsets] = new_values.to(value_cache.dtype)
 
 
 def _write_slots(
