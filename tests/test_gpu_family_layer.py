@@ -115,7 +115,7 @@ def make_layer(
         # Storage [2 * heads + 1 layers, blocks, 1, bs, 2D]; this kind's caches are the odd
         # layers, in KV head order.
         storage = torch.full((2 * len(heads) + 1, num_blocks, 1, bs, 2 * D), math.nan, dtype=dtype)
-        for r, ((ctx, q), n) in enumerate(zip(REQUESTS, lens)):
+        for r, ((ctx, _), n) in enumerate(zip(REQUESTS, lens)):
             for col in range(-(-n // bs)):
                 first, last = col * bs, min(col * bs + bs, n) - 1
                 # Streaming heads drop context blocks no query of the step can see.
@@ -205,6 +205,14 @@ _SYNCING = {
     _aten.equal, _aten.is_nonzero, _aten.bincount, _aten.histc,
 }  # fmt: skip
 _INDEXING = {_aten.index, _aten.index_put, _aten.index_put_, _aten._index_put_impl_}
+_REPEATS = {_aten.repeat_interleave.Tensor, _aten.repeat_interleave.self_Tensor}
+
+
+def _positional(args: tuple, func) -> object:
+    """``output_size`` when passed positionally (it is the op's last argument)."""
+    names = [a.name for a in func._schema.arguments]
+    index = names.index("output_size")
+    return args[index] if len(args) > index else None
 
 
 class NoHostSync(TorchDispatchMode):
@@ -215,9 +223,9 @@ class NoHostSync(TorchDispatchMode):
         packet = func.overloadpacket
         if packet in _SYNCING:
             raise HostSyncError(f"{func} needs a host sync")
-        if packet == _aten.repeat_interleave and kwargs.get("output_size") is None:
-            if isinstance(args[0], torch.Tensor) and len(args) == 1:
-                raise HostSyncError(f"{func} without output_size needs a host sync")
+        # Tensor repeats: the output length is their sum, unless output_size is given.
+        if func in _REPEATS and kwargs.get("output_size", _positional(args, func)) is None:
+            raise HostSyncError(f"{func} without output_size needs a host sync")
         if packet in _INDEXING:
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             for index in indices or ():
