@@ -409,3 +409,41 @@ def test_gpu_layer_matches_reference_without_sync(choice, dtype, layout):
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--interpreted":
     print(json.dumps({"max_error": _interpreted_case(sys.argv[2])}))
+
+
+# ------------------------------------------------------------------ kernel choice
+
+
+@pytest.mark.parametrize(
+    ("choice", "dtype", "head_size", "flash", "csrc", "want"),
+    [
+        ("auto", torch.bfloat16, 128, True, True, (gpu.FLASH_ATTN, gpu.CSRC_DECODE)),
+        ("auto", torch.float16, 64, False, True, (gpu.TRITON_UNIFIED, gpu.CSRC_DECODE)),
+        # FlashAttention and the csrc kernel take fp16/bf16 only.
+        ("auto", torch.float32, 128, True, True, (gpu.TRITON_UNIFIED, gpu.TRITON_DECODE)),
+        # csrc serves head sizes 64/128/256; FlashAttention any multiple of 8 up to 256.
+        ("auto", torch.bfloat16, 96, True, True, (gpu.FLASH_ATTN, gpu.TRITON_DECODE)),
+        ("auto", torch.bfloat16, 128, True, False, (gpu.FLASH_ATTN, gpu.TRITON_DECODE)),
+        ("triton", torch.bfloat16, 128, True, True, (gpu.TRITON_UNIFIED, gpu.TRITON_DECODE)),
+        ("native", torch.bfloat16, 128, True, True, (gpu.FLASH_ATTN, gpu.CSRC_DECODE)),
+        ("native", torch.bfloat16, 96, True, True, "head size 96"),
+        ("native", torch.bfloat16, 128, True, False, "pip install -e '.[cuda]'"),
+    ],
+)
+def test_cuda_kernel_choice(monkeypatch, choice, dtype, head_size, flash, csrc, want):
+    monkeypatch.setattr(gpu, "_flash_attn", lambda: ("varlen", "version") if flash else None)
+    monkeypatch.setattr(gpu, "_unified_attention", lambda: "unified")
+    monkeypatch.setattr(gpu.cuda_ops, "is_available", lambda: csrc)
+    monkeypatch.setattr(gpu.cuda_ops, "load_error", lambda: None if csrc else "not built")
+    if isinstance(want, str):
+        with pytest.raises(gpu.DuoConfigError, match="VLLM_DUO_KERNELS=native") as error:
+            gpu.pick_kernels(choice, "cuda", dtype=dtype, head_size=head_size)
+        assert want in str(error.value)
+    else:
+        assert gpu.pick_kernels(choice, "cuda", dtype=dtype, head_size=head_size) == want
+
+
+@pytest.mark.parametrize("choice", ["auto", "native"])
+def test_cpu_runs_the_gpu_family_only_with_triton(choice):
+    with pytest.raises(gpu.DuoConfigError, match="only 'triton'"):
+        gpu.pick_kernels(choice, "cpu", dtype=torch.float32, head_size=64)
