@@ -150,3 +150,37 @@ def test_gpu_family_never_imports_vllm_at_import():
         "assert not bad, bad[:5]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize(
+    ("requested", "resolved"),
+    [
+        ("FULL_AND_PIECEWISE", "PIECEWISE"),  # vLLM's default on CUDA
+        ("FULL_DECODE_ONLY", "PIECEWISE"),
+        ("PIECEWISE", "PIECEWISE"),
+        ("NONE", "NONE"),
+        ("FULL", "please try cudagraph_mode=PIECEWISE"),
+    ],
+)
+def test_cuda_graph_modes_resolve_to_piecewise(requested, resolved):
+    """DUO's builder declares no full CUDA graphs (AttentionCGSupport.NEVER); vLLM's own
+    resolution then captures the compiled pieces between attention calls (DUO's layers
+    run through vllm::unified_attention_with_output, one of the splitting ops) and runs
+    attention eagerly, or refuses FULL with a hint. Full graphs: see docs/design.md."""
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    from vllm_duo.backend import DuoMetadataBuilder
+
+    config = CompilationConfig(
+        mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode[requested]
+    )
+    config.set_splitting_ops_for_v1(all2all_backend="naive")
+    assert "vllm::unified_attention_with_output" in config.splitting_ops
+    support = DuoMetadataBuilder.get_cudagraph_support(None, None)
+    assert support.name == "NEVER"
+    if resolved.startswith("please"):
+        with pytest.raises(ValueError, match=resolved):
+            config.resolve_cudagraph_mode_and_sizes(support, "DuoAttentionBackend")
+    else:
+        mode = config.resolve_cudagraph_mode_and_sizes(support, "DuoAttentionBackend")
+        assert mode == CUDAGraphMode[resolved]
