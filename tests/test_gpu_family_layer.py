@@ -414,33 +414,41 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--interpret
 # ------------------------------------------------------------------ kernel choice
 
 
+B16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+FA, UNIFIED, CSRC, TRITON = gpu.FLASH_ATTN, gpu.TRITON_UNIFIED, gpu.CSRC_DECODE, gpu.TRITON_DECODE
+
+
 @pytest.mark.parametrize(
-    ("choice", "dtype", "head_size", "flash", "csrc", "want"),
+    ("choice", "dtype", "head_size", "block_size", "flash", "csrc", "want"),
     [
-        ("auto", torch.bfloat16, 128, True, True, (gpu.FLASH_ATTN, gpu.CSRC_DECODE)),
-        ("auto", torch.float16, 64, False, True, (gpu.TRITON_UNIFIED, gpu.CSRC_DECODE)),
+        ("auto", BF16, 128, 16, True, True, (FA, CSRC)),
+        ("auto", B16, 64, 32, False, True, (UNIFIED, CSRC)),
         # FlashAttention and the csrc kernel take fp16/bf16 only.
-        ("auto", torch.float32, 128, True, True, (gpu.TRITON_UNIFIED, gpu.TRITON_DECODE)),
-        # csrc serves head sizes 64/128/256; FlashAttention any multiple of 8 up to 256.
-        ("auto", torch.bfloat16, 96, True, True, (gpu.FLASH_ATTN, gpu.TRITON_DECODE)),
-        ("auto", torch.bfloat16, 128, True, False, (gpu.FLASH_ATTN, gpu.TRITON_DECODE)),
-        ("triton", torch.bfloat16, 128, True, True, (gpu.TRITON_UNIFIED, gpu.TRITON_DECODE)),
-        ("native", torch.bfloat16, 128, True, True, (gpu.FLASH_ATTN, gpu.CSRC_DECODE)),
-        ("native", torch.bfloat16, 96, True, True, "head size 96"),
-        ("native", torch.bfloat16, 128, True, False, "pip install -e '.[cuda]'"),
+        ("auto", F32, 128, 16, True, True, (UNIFIED, TRITON)),
+        # csrc serves head sizes 64/128/256 and blocks of 16..128 tokens; FlashAttention any
+        # multiple of 8 up to 256.
+        ("auto", BF16, 96, 16, True, True, (FA, TRITON)),
+        ("auto", BF16, 128, 48, True, True, (FA, TRITON)),
+        ("auto", BF16, 128, 16, True, False, (FA, TRITON)),
+        ("triton", BF16, 128, 16, True, True, (UNIFIED, TRITON)),
+        ("native", BF16, 128, 16, True, True, (FA, CSRC)),
+        ("native", BF16, 96, 16, True, True, "head size 96"),
+        ("native", BF16, 128, 48, True, True, "block size 48"),
+        ("native", BF16, 128, 16, True, False, "pip install -e '.[cuda]'"),
     ],
-)
-def test_cuda_kernel_choice(monkeypatch, choice, dtype, head_size, flash, csrc, want):
+)  # fmt: skip
+def test_cuda_kernel_choice(monkeypatch, choice, dtype, head_size, block_size, flash, csrc, want):
     monkeypatch.setattr(gpu, "_flash_attn", lambda: ("varlen", "version") if flash else None)
     monkeypatch.setattr(gpu, "_unified_attention", lambda: "unified")
     monkeypatch.setattr(gpu.cuda_ops, "is_available", lambda: csrc)
     monkeypatch.setattr(gpu.cuda_ops, "load_error", lambda: None if csrc else "not built")
+    kwargs = {"dtype": dtype, "head_size": head_size, "block_size": block_size}
     if isinstance(want, str):
         with pytest.raises(gpu.DuoConfigError, match="VLLM_DUO_KERNELS=native") as error:
-            gpu.pick_kernels(choice, "cuda", dtype=dtype, head_size=head_size)
+            gpu.pick_kernels(choice, "cuda", **kwargs)
         assert want in str(error.value)
     else:
-        assert gpu.pick_kernels(choice, "cuda", dtype=dtype, head_size=head_size) == want
+        assert gpu.pick_kernels(choice, "cuda", **kwargs) == want
 
 
 @pytest.mark.parametrize("choice", ["auto", "native"])

@@ -66,17 +66,27 @@ def _flash_serves(dtype: torch.dtype, head_size: int) -> bool:
     return dtype in FLASH_DTYPES and head_size % 8 == 0 and head_size <= 256
 
 
-def _csrc_serves(dtype: torch.dtype, head_size: int) -> bool:
-    return dtype in CSRC_DTYPES and head_size in CSRC_HEAD_SIZES
+def _csrc_serves(dtype: torch.dtype, head_size: int, block_size: int | None) -> bool:
+    return (
+        dtype in CSRC_DTYPES
+        and head_size in CSRC_HEAD_SIZES
+        and (block_size is None or block_size in CSRC_BLOCK_SIZES)
+    )
 
 
 def pick_kernels(
-    choice: str, device_type: str, *, dtype: torch.dtype, head_size: int
+    choice: str,
+    device_type: str,
+    *,
+    dtype: torch.dtype,
+    head_size: int,
+    block_size: int | None = None,
 ) -> tuple[str, str]:
     """(retrieval kernel, streaming decode kernel) for ``VLLM_DUO_KERNELS=choice``.
 
-    The fastest installed kernel that serves the model's dtype and head size: FlashAttention
-    needs fp16/bf16, the csrc decode kernel fp16/bf16 and head sizes 64/128/256.
+    The fastest installed kernel that serves the model's dtype, head size and block size
+    (None: not known yet): FlashAttention needs fp16/bf16, the csrc decode kernel fp16/bf16,
+    head sizes 64/128/256 and blocks of 16..128 tokens.
     """
     if device_type == "cpu":
         if choice != "triton":
@@ -96,15 +106,17 @@ def pick_kernels(
         retrieval = TRITON_UNIFIED
     else:
         retrieval = DUO_TRITON
-    if cuda_ops.is_available() and _csrc_serves(dtype, head_size):
+    if cuda_ops.is_available() and _csrc_serves(dtype, head_size, block_size):
         return retrieval, CSRC_DECODE
     if choice == "native":
         if not cuda_ops.is_available():
             reason = str(cuda_ops.load_error())
         else:
             reason = (
-                f"it serves dtype float16/bfloat16 and head sizes {CSRC_HEAD_SIZES}, this model "
-                f"has dtype {str(dtype).removeprefix('torch.')} and head size {head_size}"
+                f"it serves dtype float16/bfloat16, head sizes {CSRC_HEAD_SIZES} and block "
+                f"sizes {CSRC_BLOCK_SIZES}; this model has dtype "
+                f"{str(dtype).removeprefix('torch.')}, head size {head_size} and block size "
+                f"{block_size}"
             )
         raise DuoConfigError(
             f"{ENV_KERNELS}=native needs the csrc/ CUDA decode extension, but {reason}. "
@@ -130,9 +142,10 @@ class GpuKernels:
         kv_cache_dtype: str,
         dtype: torch.dtype,
         head_size: int,
+        block_size: int | None = None,
     ) -> None:
         self.retrieval_kernel, self.decode_kernel = pick_kernels(
-            choice, device_type, dtype=dtype, head_size=head_size
+            choice, device_type, dtype=dtype, head_size=head_size, block_size=block_size
         )
         if device_type == "cpu" and not duo_triton.is_interpreted():
             raise DuoConfigError(
@@ -234,7 +247,8 @@ class GpuKernels:
         out: torch.Tensor,
     ) -> None:
         decodes = step.num_decodes
-        # The extension takes blocks of 16..128 tokens; other block sizes use Triton's decode.
+        # The extension takes blocks of 16..128 tokens; other block sizes use Triton's decode
+        # (chosen up front when the block size was known at start-up).
         if decodes and self.decode_kernel == CSRC_DECODE and key_cache.shape[1] in CSRC_BLOCK_SIZES:
             cuda_ops.sink_window_decode_heads(
                 q[:decodes], [run.cache[:, h : h + 1] for h in range(len(run.kv_heads))],
