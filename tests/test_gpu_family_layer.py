@@ -455,3 +455,23 @@ def test_cuda_kernel_choice(monkeypatch, choice, dtype, head_size, block_size, f
 def test_cpu_runs_the_gpu_family_only_with_triton(choice):
     with pytest.raises(gpu.DuoConfigError, match="only 'triton'"):
         gpu.pick_kernels(choice, "cpu", dtype=torch.float32, head_size=64)
+
+
+@pytest.mark.parametrize(("head_stride", "want"), [(2**20, "unified"), (2**31, "triton")])
+def test_unified_attention_only_with_int32_head_offsets(monkeypatch, head_stride, want):
+    """vLLM's Triton unified attention computes ``kv_head * stride`` in int32: a run whose
+    head stride (a whole cache layer) passes 2**31 elements goes to the project's kernel."""
+    from vllm_duo.head_layout import HeadRun
+
+    kernels = _interpreted_kernels(monkeypatch)
+    launches = _stub_launches(monkeypatch, kernels, gpu.TRITON_UNIFIED, gpu.TRITON_DECODE,
+                              meta=True)  # fmt: skip
+    layer = make_layer("meta", torch.float32, LAYOUTS["gathered"])
+    run = next(r for r in layer.runs if r.retrieval)
+    stride = list(run.cache.stride())
+    stride[1] = head_stride
+    wide = run.cache.as_strided(run.cache.shape, stride, run.cache.storage_offset())
+    wide_run = HeadRun(run.metadata_layer, True, run.kv_heads, wide)
+    kernels.forward_run(wide_run, layer.steps[True], layer.query, layer.key, layer.value,
+                        layer.output, _Scales())  # fmt: skip
+    assert launches.calls and all(call.startswith(want) for call in launches.calls)

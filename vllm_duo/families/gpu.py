@@ -217,7 +217,7 @@ class GpuKernels:
             )  # fmt: skip
             out.copy_(result)
             return
-        if self.retrieval_kernel == TRITON_UNIFIED:
+        if self.retrieval_kernel == TRITON_UNIFIED and _int32_head_offsets(key_cache):
             unified = _unified_attention()
             assert unified is not None
             unified(
@@ -307,6 +307,23 @@ class GpuKernels:
             new_keys=None if new_keys is None else new_keys[rows],
             new_values=None if new_values is None else new_values[rows], out=out[rows],
         )  # fmt: skip
+
+
+def _int32_head_offsets(cache: torch.Tensor) -> bool:
+    """Whether a [blocks, block_size, heads, D] view's offsets within a block fit int32.
+
+    vLLM's Triton unified attention widens only the block offset to int64; ``kv_head *
+    stride`` is int32 there. A run's head stride is a whole cache layer, which on a large
+    GPU cache can pass 2**31 elements after a few heads: such runs take the project's
+    Triton kernel (int64 offsets) instead.
+    """
+    _, block_size, heads, head_size = cache.shape
+    last = (
+        (block_size - 1) * cache.stride(1)
+        + (heads - 1) * cache.stride(2)
+        + (head_size - 1) * cache.stride(3)
+    )
+    return last < 2**31
 
 
 def write_run(
