@@ -95,8 +95,9 @@ def test_gqa_prefix_hits_and_preemption_match_reference(tmp_path, tiny_gqa, gqa_
     print("cached tokens per request:", hits, "preemptions:", run["preemptions"])
     assert hits[0] == 0 and hits[2] >= 128
     assert run["preemptions"] > 0
-    assert_matches_reference(_gqa_reference(tiny_gqa, gqa_pattern, sink, recent), prompts,
-                             run["outputs"])  # fmt: skip
+    worst = assert_matches_reference(_gqa_reference(tiny_gqa, gqa_pattern, sink, recent),
+                                     prompts, run["outputs"])  # fmt: skip
+    print(f"max |logprob diff| = {worst:.2e}")
 
 
 def test_mha_unequal_heads_match_reference(tmp_path, tiny_mha):
@@ -110,7 +111,9 @@ def test_mha_unequal_heads_match_reference(tmp_path, tiny_mha):
         tmp_path, tiny_mha, prompts, env=_env(pattern, VLLM_DUO_THRESHOLD=0.5),
         max_num_batched_tokens=64, count_kernel_calls="gpu",
     )  # fmt: skip
-    assert_matches_reference(Reference(tiny_mha, mask, SINK, RECENT), prompts, run["outputs"])
+    worst = assert_matches_reference(Reference(tiny_mha, mask, SINK, RECENT), prompts,
+                                     run["outputs"])  # fmt: skip
+    print(f"max |logprob diff| = {worst:.2e}")
     records = [record for runs in assert_one_gpu_launch_per_run(run) for record in runs]
     assert any(r["retrieval"] and r["heads"] == 4 for r in records)
 
@@ -119,9 +122,11 @@ def test_tp2_multiprocess_matches_reference(tmp_path, tiny_gqa, gqa_pattern):
     """tensor_parallel_size=2 with spawned engine core and workers. Layers 2 and 3 give one
     rank a retrieval head and the other none, so that rank's streaming head sits in a
     full-context slot (and a full-context cache group) and must still see sink + window."""
-    prompts = _prompts([12, 150, 260], seed=60)
+    prompts = _prompts([12, 90, 170], seed=60)
     env = _env(gqa_pattern, VLLM_ENABLE_V1_MULTIPROCESSING=1, VLLM_CPU_OMP_THREADS_BIND="0|1")
     run = run_engine(tmp_path, tiny_gqa, prompts, env=env, tensor_parallel_size=2)
     assert "stores 1 of its 4 head caches per rank with full context" in run["log"]
     assert KERNELS_LINE in run["log"]
-    assert_matches_reference(_gqa_reference(tiny_gqa, gqa_pattern), prompts, run["outputs"])
+    worst = assert_matches_reference(_gqa_reference(tiny_gqa, gqa_pattern), prompts,
+                                     run["outputs"])  # fmt: skip
+    print(f"max |logprob diff| = {worst:.2e}")

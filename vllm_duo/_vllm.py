@@ -8,6 +8,9 @@ vLLM-facing modules (``backend``, ``companion``, ``model_plan``, ``patches``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import vllm.platforms
 from vllm import _custom_ops as ops
 from vllm import envs
@@ -83,6 +86,7 @@ __all__ = [
     "current_platform",
     "envs",
     "extract_layer_index",
+    "flash_attn_varlen",
     "get_current_vllm_config",
     "get_forward_context",
     "get_layers_from_vllm_config",
@@ -94,6 +98,7 @@ __all__ = [
     "register_backend",
     "resolve_block_hashes",
     "running_platform",
+    "triton_unified_attention",
 ]
 
 
@@ -106,3 +111,29 @@ def running_platform() -> Platform:
     after the CPU build of vLLM has imported everything vllm-duo needs.
     """
     return vllm.platforms.current_platform
+
+
+def flash_attn_varlen() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """vLLM's FlashAttention varlen function and its version chooser, or None.
+
+    Imported at the call: only CUDA (and ROCm/XPU) builds of vLLM carry the kernels, and
+    importing them elsewhere raises.
+    """
+    try:
+        from vllm.v1.attention.backends import fa_utils
+    except ImportError:
+        return None
+    if not fa_utils.is_flash_attn_varlen_func_available():
+        return None
+    return fa_utils.flash_attn_varlen_func, fa_utils.get_flash_attn_version
+
+
+def triton_unified_attention() -> Callable[..., Any] | None:
+    """vLLM's Triton paged attention (``unified_attention``), or None without Triton."""
+    from vllm.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:
+        return None
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+    return unified_attention

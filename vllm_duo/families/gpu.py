@@ -34,23 +34,24 @@ TRITON_DECODE = "vllm-duo Triton decode"
 
 def _flash_attn():
     """vLLM's FlashAttention varlen function and version, or None where it is not built."""
-    try:
-        from vllm.v1.attention.backends import fa_utils
+    if not torch.cuda.is_available():
+        return None
+    try:  # late: this module imports without vLLM (the GPU check machine has none)
+        from vllm_duo._vllm import flash_attn_varlen
     except ImportError:
         return None
-    if not torch.cuda.is_available() or not fa_utils.is_flash_attn_varlen_func_available():
-        return None
-    return fa_utils.flash_attn_varlen_func, fa_utils.get_flash_attn_version
+    return flash_attn_varlen()
 
 
 def _unified_attention():
     """vLLM's Triton unified attention, or None where vLLM runs without Triton."""
+    if not torch.cuda.is_available():
+        return None
     try:
-        from vllm.triton_utils import HAS_TRITON
-        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+        from vllm_duo._vllm import triton_unified_attention
     except ImportError:
         return None
-    return unified_attention if HAS_TRITON and torch.cuda.is_available() else None
+    return triton_unified_attention()
 
 
 # What the csrc/ decode extension serves (csrc/README.md, "Layout"); anything else goes to
