@@ -475,3 +475,23 @@ def test_unified_attention_only_with_int32_head_offsets(monkeypatch, head_stride
     kernels.forward_run(wide_run, layer.steps[True], layer.query, layer.key, layer.value,
                         layer.output, _Scales())  # fmt: skip
     assert launches.calls and all(call.startswith(want) for call in launches.calls)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_refused_clearly():
+    """VLLM_DUO_KERNELS=triton on CPU needs TRITON_INTERPRET=1 at process start."""
+    code = (
+        "import torch\n"
+        "from vllm_duo.errors import DuoConfigError\n"
+        "from vllm_duo.families.gpu import GpuKernels\n"
+        "try:\n"
+        "    GpuKernels(choice='triton', device_type='cpu', scale=1.0, sink=4, recent=8,\n"
+        "               kv_cache_dtype='auto', dtype=torch.float32, head_size=64)\n"
+        "except DuoConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "set TRITON_INTERPRET=1 in the environment before starting vLLM" in proc.stdout
