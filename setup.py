@@ -5,7 +5,9 @@ GPU users: ``pip install vllm-duo[cuda]`` (vLLM from PyPI). CPU users:
 the right one for the machine.
 
 The CUDA extension in ``csrc/`` is built only where a CUDA-enabled torch and
-nvcc are present; ``VLLM_DUO_SKIP_CUDA_BUILD=1`` forces it off.
+nvcc are present; ``VLLM_DUO_SKIP_CUDA_BUILD=1`` forces it off. The CPU extension in
+``csrc/cpu/`` is built where torch is importable at build time (``make venv`` builds it in
+place); ``VLLM_DUO_SKIP_CPU_BUILD=1`` forces it off.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import runpy
 from setuptools import find_packages, setup
 
 # Loaded by path: under PEP 517 build isolation the repo root is not importable.
-_cuda = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_duo", "_build_cuda.py"))
+_here = os.path.dirname(os.path.abspath(__file__))
+_cuda = runpy.run_path(os.path.join(_here, "vllm_duo", "_build_cuda.py"))
+# The CPU extension needs torch at build time: built here only without build isolation;
+# `make venv` builds it in place afterwards (python -m vllm_duo._build_cpu).
+_cpu = runpy.run_path(os.path.join(_here, "vllm_duo", "_build_cpu.py"))
 
 setup(
     name="vllm-duo",
@@ -38,8 +44,8 @@ setup(
         "plots": ["matplotlib"],
         "dev": ["pytest", "hypothesis", "ruff", "matplotlib"],
     },
-    ext_modules=_cuda["cuda_extensions"](),
-    cmdclass=_cuda["cmdclass"](),
+    ext_modules=_cuda["cuda_extensions"]() + _cpu["cpu_extensions"](),
+    cmdclass=_cuda["cmdclass"]() or _cpu["cmdclass"](),
     entry_points={
         "vllm.general_plugins": ["duo = vllm_duo:register"],
         "console_scripts": ["vllm-duo = vllm_duo.cli:main"],

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--recent", default="256")
     parser.add_argument("--sparsity", default="0.5")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--sort", default="cumulative", help="pstats sort key (tottime, ...)")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if args.pattern:
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"{args.backend} at {args.context:,} tokens: "
           f"{(time.perf_counter() - started) / args.steps * 1000:.1f} ms per decode step "
           "(under the profiler)")  # fmt: skip
-    pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
+    pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":

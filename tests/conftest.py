@@ -195,14 +195,19 @@ def assert_one_kernel_call_per_layer(run: dict) -> None:
     Needs ``run_engine(..., count_kernel_calls=True)`` with the in-process engine and
     cache groups that each hold all heads of a kind (equal retrieval and streaming counts).
     """
+    from vllm_duo import cpu_ops
+
     forwards = run["kernel_calls"]
     assert forwards, "no DUO layer forward was counted"
+    # Where the C++ extension is built (make venv builds it), the engine must use it.
+    assert all(calls["native"] == cpu_ops.is_available() for calls in forwards)
     for calls in forwards:
         retrieval = 1 if calls["retrieval_heads"] else 0
         streaming = 1 if calls["streaming_heads"] else 0
-        assert calls.get("cpu_attention_with_kv_cache", 0) == retrieval, calls
-        assert calls.get("cpu_attn_reshape_and_cache", 0) == retrieval, calls
-        assert calls.get("sink_window_attention_heads", 0) == streaming, calls
+        assert calls.get("retrieval_attention", 0) == retrieval, calls
+        assert calls.get("retrieval_write", 0) == retrieval, calls
+        assert calls.get("streaming_attention", 0) == streaming, calls
+        assert calls.get("streaming_write", 0) == (streaming if calls["native"] else 0), calls
 
 
 def assert_one_gpu_launch_per_run(run: dict) -> list[list[dict]]:

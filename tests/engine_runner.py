@@ -78,10 +78,17 @@ class _KernelCounter:
     """Counts, per DUO layer forward, the kernel calls of the CPU family (in-process engine).
 
     Each forward records the layer's retrieval and streaming head counts and how many
-    times vLLM's CPU attention kernel, its cache write and the streaming kernel ran.
+    times each kernel ran: vLLM's CPU attention and cache write for retrieval heads, the
+    sink+window attention (native op or torch path) and the native cache write for
+    streaming heads.
     """
 
-    KERNELS = ("cpu_attention_with_kv_cache", "cpu_attn_reshape_and_cache")
+    KERNELS = {
+        "cpu_attention_with_kv_cache": "retrieval_attention",
+        "cpu_attn_reshape_and_cache": "retrieval_write",
+        "sink_window_attention": "streaming_attention",
+        "store_kv": "streaming_write",
+    }
 
     def __init__(self) -> None:
         from vllm_duo import backend
@@ -101,16 +108,17 @@ class _KernelCounter:
                     return fn
 
                 def counted(*args, **kwargs):
-                    counter._count(name)
+                    counter._count(counter.KERNELS[name])
                     return fn(*args, **kwargs)
 
                 return counted
 
         cpu.ops = CountingOps(cpu.ops)
+        cpu.cpu_ops = CountingOps(cpu.cpu_ops)
         streaming = cpu.sink_window_attention_heads
 
         def counted_streaming(*args, **kwargs):
-            counter._count("sink_window_attention_heads")
+            counter._count("streaming_attention")
             return streaming(*args, **kwargs)
 
         cpu.sink_window_attention_heads = counted_streaming
@@ -122,6 +130,7 @@ class _KernelCounter:
             counter._current = {
                 "retrieval_heads": sum(h.retrieval for h in impl.head_caches),
                 "streaming_heads": sum(not h.retrieval for h in impl.head_caches),
+                "native": getattr(impl.kernels, "native", False),
             }
             try:
                 return forward(impl, layer, query, key, value, kv_cache, attn_metadata, *a, **k)

@@ -8,9 +8,6 @@ vLLM-facing modules (``backend``, ``companion``, ``model_plan``, ``patches``,
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import vllm.platforms
 from vllm import _custom_ops as ops
 from vllm import envs
@@ -43,6 +40,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.attention.selector import AttentionSelectorConfig
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import (
     KVCacheBlock,
@@ -66,6 +64,7 @@ __all__ = [
     "AttentionImpl",
     "AttentionLayerBase",
     "AttentionMetadataBuilder",
+    "AttentionSelectorConfig",
     "AttentionType",
     "BlockPool",
     "CPUAttentionBackend",
@@ -113,27 +112,28 @@ def running_platform() -> Platform:
     return vllm.platforms.current_platform
 
 
-def flash_attn_varlen() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """vLLM's FlashAttention varlen function and its version chooser, or None.
+def flash_attn_varlen():
+    """(vLLM's FlashAttention varlen function, its version picker), or None where vLLM was
+    built without it (CPU builds) or no CUDA device is visible."""
+    import torch
 
-    Imported at the call: only CUDA (and ROCm/XPU) builds of vLLM carry the kernels, and
-    importing them elsewhere raises.
-    """
     try:
         from vllm.v1.attention.backends import fa_utils
     except ImportError:
         return None
-    if not fa_utils.is_flash_attn_varlen_func_available():
+    if not torch.cuda.is_available() or not fa_utils.is_flash_attn_varlen_func_available():
         return None
     return fa_utils.flash_attn_varlen_func, fa_utils.get_flash_attn_version
 
 
-def triton_unified_attention() -> Callable[..., Any] | None:
-    """vLLM's Triton paged attention (``unified_attention``), or None without Triton."""
-    from vllm.triton_utils import HAS_TRITON
+def triton_unified_attention():
+    """vLLM's Triton unified paged attention, or None where vLLM runs without Triton (its
+    CPU build disables Triton) or no CUDA device is visible."""
+    import torch
 
-    if not HAS_TRITON:
+    try:
+        from vllm.triton_utils import HAS_TRITON
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    except ImportError:
         return None
-    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
-
-    return unified_attention
+    return unified_attention if HAS_TRITON and torch.cuda.is_available() else None

@@ -58,6 +58,13 @@ class HeadRun:
     """The heads as a slice when they are consecutive and ascending (no gather needed)."""
     index: torch.Tensor = field(init=False)
     """``kv_heads`` as a long tensor on the cache's device (for gathers and scatters)."""
+    key_pages: torch.Tensor = field(init=False)
+    """[num_blocks, heads, block_size, D] key half of ``cache`` (vLLM's CPU kernel order)."""
+    value_pages: torch.Tensor = field(init=False)
+    keys: torch.Tensor = field(init=False)
+    """[num_blocks, block_size, heads, D]: ``key_pages`` in the order of the Triton,
+    FlashAttention and vllm-duo C++ kernels (made once: views cost time per call)."""
+    values: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.kv_heads or len(self.kv_heads) != self.cache.shape[1]:
@@ -71,6 +78,11 @@ class HeadRun:
         object.__setattr__(self, "head_range", slice(first, first + count) if consecutive else None)
         index = torch.tensor(self.kv_heads, dtype=torch.long, device=self.cache.device)
         object.__setattr__(self, "index", index)
+        key_pages, value_pages = split_pages(self.cache)
+        object.__setattr__(self, "key_pages", key_pages)
+        object.__setattr__(self, "value_pages", value_pages)
+        object.__setattr__(self, "keys", key_pages.transpose(1, 2))
+        object.__setattr__(self, "values", value_pages.transpose(1, 2))
 
 
 def _stride_between(a: torch.Tensor, b: torch.Tensor) -> int | None:

@@ -39,8 +39,9 @@ def make_family(
         from vllm_duo.families.cpu import CpuKernels
 
         return CpuKernels(
-            scale=scale, sink=sink, recent=recent, kv_cache_dtype=kv_cache_dtype, dtype=dtype
-        )
+            scale=scale, sink=sink, recent=recent, kv_cache_dtype=kv_cache_dtype, dtype=dtype,
+            require_native=choice == "native",
+        )  # fmt: skip
     from vllm_duo.families.gpu import GpuKernels
 
     return GpuKernels(

@@ -1,26 +1,30 @@
-"""The CPU kernel family: vLLM's CPU paged-attention kernel and the torch sink+window path.
+"""The CPU kernel family: vLLM's CPU paged-attention kernel and the native sink+window op.
 
 Retrieval heads: one ``cpu_attn_reshape_and_cache`` and one ``cpu_attention_with_kv_cache``
 per run, over the run's strided cache view (vLLM's CPU kernel honours the strides of its
 cache and query arguments), with scheduler metadata sized for the run's head count.
-Streaming heads: the step's kept keys/values go in with one indexed write per tensor, and
-all heads of the run are computed together by
-:func:`vllm_duo.kernels.sink_window_torch.sink_window_attention_heads` on a slot plan made
-once per step and cache group.
+Streaming heads: one ``store_kv`` and one ``sink_window_attention`` call of the C++
+extension (:mod:`vllm_duo.cpu_ops`) per run, reading and writing the layer's query, keys and
+output in place. Where the extension is not built, the pure-torch path
+(:func:`vllm_duo.kernels.sink_window_torch.sink_window_attention_heads`) serves instead, on
+a slot plan made once per step and cache group.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm_duo import cpu_ops
 from vllm_duo._vllm import envs, ops
+from vllm_duo.errors import DuoConfigError
 from vllm_duo.families.base import GroupStep, KVScales, select_heads, store_heads
-from vllm_duo.head_layout import HeadRun, split_pages
+from vllm_duo.head_layout import HeadRun
 from vllm_duo.kernels.sink_window_torch import (
     StreamingPlan,
     plan_streaming,
     sink_window_attention_heads,
 )
+from vllm_duo.settings import ENV_KERNELS
 
 
 class CpuKernels:
@@ -36,7 +40,14 @@ class CpuKernels:
         recent: int,
         kv_cache_dtype: str,
         dtype: torch.dtype,
+        require_native: bool = False,
     ) -> None:
+        self.native = cpu_ops.is_available()
+        if require_native and not self.native:
+            raise DuoConfigError(
+                f"{ENV_KERNELS}=native needs the CPU extension, but {cpu_ops.load_error()}; "
+                f"or set {ENV_KERNELS}=auto to use the pure-torch sink+window path."
+            )
         self.scale = scale
         self.sink = sink
         self.recent = recent
@@ -44,10 +55,14 @@ class CpuKernels:
         self.dtype = dtype
 
     def describe(self) -> str:
+        streaming = (
+            "the vllm-duo C++ sink+window op"
+            if self.native
+            else f"torch sink+window attention (the C++ op is unavailable: {cpu_ops.load_error()})"
+        )
         return (
-            "retrieval heads: vLLM's CPU paged-attention kernel, one call per "
-            "layer and cache group; streaming heads: torch sink+window attention, one call per "
-            "layer and cache group"
+            "retrieval heads: vLLM's CPU paged-attention kernel, one call per layer and cache "
+            f"group; streaming heads: {streaming}, one call per layer and cache group"
         )
 
     def forward_run(
@@ -99,7 +114,7 @@ class CpuKernels:
     ) -> None:
         num_tokens, _, group, head_size = query.shape
         heads = len(run.kv_heads)
-        key_cache, value_cache = split_pages(run.cache)
+        key_cache, value_cache = run.key_pages, run.value_pages
         ops.cpu_attn_reshape_and_cache(
             select_heads(key, run), select_heads(value, run), key_cache, value_cache,
             step.slot_mapping[:num_tokens], step.isa,
@@ -131,10 +146,20 @@ class CpuKernels:
     ) -> None:
         num_tokens = query.shape[0]
         block_size = run.cache.shape[2]
+        # [num_blocks, block_size, heads, D]: one write and one gather cover all heads.
+        key_cache, value_cache = run.keys, run.values
+        if self.native:
+            # Block 0 is vLLM's null block: chunk tokens that leave the window within
+            # this step are mapped there and are not stored.
+            cpu_ops.store_kv(key, value, run.index, step.slot_mapping, key_cache, value_cache,
+                             min_slot=block_size)  # fmt: skip
+            cpu_ops.sink_window_attention(
+                query, key_cache, value_cache, run.index, step.block_table,
+                step.query_start_loc, step.seq_lens, key, value, sink=self.sink,
+                recent=self.recent, scale=self.scale, out=output,
+            )  # fmt: skip
+            return
         stored, blocks, offsets, plan = self._step_plan(step, block_size, num_tokens)
-        key_pages, value_pages = split_pages(run.cache)
-        # [num_blocks, block_size, heads, D]: one indexed write and one gather cover all heads.
-        key_cache, value_cache = key_pages.transpose(1, 2), value_pages.transpose(1, 2)
         new_keys, new_values = select_heads(key, run), select_heads(value, run)
         key_cache[blocks, offsets] = new_keys[stored].to(key_cache.dtype)
         value_cache[blocks, offsets] = new_values[stored].to(value_cache.dtype)

@@ -21,7 +21,7 @@ import torch
 from vllm_duo import cuda_ops
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.families.base import GroupStep, KVScales, select_heads, store_heads
-from vllm_duo.head_layout import HeadRun, split_pages
+from vllm_duo.head_layout import HeadRun
 from vllm_duo.kernels import triton_sink_window as duo_triton
 from vllm_duo.settings import ENV_KERNELS
 
@@ -177,9 +177,8 @@ class GpuKernels:
     ) -> None:
         num_tokens, _, group, head_size = query.shape
         heads = len(run.kv_heads)
-        key_pages, value_pages = split_pages(run.cache)
         # [num_blocks, block_size, heads, D]: the order vLLM's CUDA kernels and ours read.
-        key_cache, value_cache = key_pages.transpose(1, 2), value_pages.transpose(1, 2)
+        key_cache, value_cache = run.keys, run.values
         new_keys, new_values = select_heads(key, run), select_heads(value, run)
         write_run(step, key_cache, value_cache, new_keys, new_values)
 

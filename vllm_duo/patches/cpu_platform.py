@@ -47,8 +47,8 @@ def apply() -> None:
 def still_needed() -> bool:
     """True while the unpatched platform ignores a registered DUO selection."""
     import torch
-    from vllm.v1.attention.selector import AttentionSelectorConfig
 
+    from vllm_duo._vllm import AttentionSelectorConfig
     from vllm_duo.registration import DUO_CLASS_PATH, duo_backend_enum
 
     config = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype=None,

@@ -1,0 +1,178 @@
+"""One attention layer on CPU, DUO's CPU kernel family against vLLM's stock CPU kernel.
+
+    .venv/bin/python benchmarks/bench_cpu_layer.py [--contexts 4096,8192,32768]
+        [--phase decode|prefill|both] [--retrieval 4] [--threads N] [--repeats 20]
+
+What one layer's attention costs per step, without the rest of the model or the engine:
+stock = vLLM's ``cpu_attn_reshape_and_cache`` + ``cpu_attention_with_kv_cache`` over all KV
+heads of the layer; DUO = the CPU family's ``forward_run`` over the layer's runs (retrieval
+heads through vLLM's kernel on a strided view, streaming heads through the C++ op or the
+torch path). Llama-3-8B attention shape (32 query / 8 KV heads, head size 128), bf16, one
+request. Each timing is the minimum over ``--repeats`` runs, so a busy machine inflates it
+less than a mean would. ``vllm-duo bench`` measures whole engines; this isolates the layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+
+class _Step:
+    """The GroupStep of one request (decode: 1 query; prefill: the whole context)."""
+
+    def __init__(self, context: int, queries: int, block_size: int, blocks: torch.Tensor,
+                 isa: str) -> None:  # fmt: skip
+        self.num_actual_tokens = queries
+        self.num_reqs = 1
+        self.max_query_len = queries
+        self.max_seq_len = context
+        self.query_start_loc = torch.tensor([0, queries], dtype=torch.int32)
+        self.query_start_loc_host = [0, queries]
+        self.seq_lens = torch.tensor([context], dtype=torch.int32)
+        self.seq_lens_host = [context]
+        self.block_table = blocks[None].int()
+        positions = torch.arange(context - queries, context)
+        self.slot_mapping = (blocks[positions // block_size] * block_size
+                             + positions % block_size).long()  # fmt: skip
+        self.num_decodes = 1 if queries == 1 else 0
+        self.num_decode_tokens = self.num_decodes
+        self.isa = isa
+        self.step_cache: dict = {}
+
+
+class _Scales:
+    _k_scale_float = 1.0
+    _v_scale_float = 1.0
+
+
+def _best(fn, repeats: int) -> float:
+    """Least time of ``repeats`` calls: CPU time of this thread when torch runs on one thread
+    (what other processes do to the machine then hardly shows), else wall time."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        started = clock()
+        fn()
+        best = min(best, clock() - started)
+    return best
+
+
+BLOCK_SIZE = 128
+
+
+def _runs(context: int, retrieval: list[int], dtype: torch.dtype, shape: argparse.Namespace):
+    """The layer's two runs over one-head caches laid out like vLLM's (one region each)."""
+    from vllm_duo.head_layout import HeadRun
+
+    HEADS, HEAD_SIZE = shape.kv_heads, shape.head_size
+    num_blocks = context // BLOCK_SIZE + 2
+    page = BLOCK_SIZE * 2 * HEAD_SIZE
+    buffer = torch.randn(HEADS * num_blocks * page).to(dtype)
+    streaming = [h for h in range(HEADS) if h not in retrieval]
+    runs = []
+    for members, is_retrieval in ((retrieval, True), (streaming, False)):
+        if not members:
+            continue
+        gaps = {b - a for a, b in itertools.pairwise(members)} or {1}
+        assert len(gaps) == 1, "the benchmark's heads of a kind must be equally spaced"
+        cache = buffer.as_strided(
+            (num_blocks, len(members), BLOCK_SIZE, 2 * HEAD_SIZE),
+            (page, gaps.pop() * num_blocks * page, 2 * HEAD_SIZE, 1),
+            members[0] * num_blocks * page,
+        )
+        runs.append(HeadRun("layer", is_retrieval, tuple(members), cache))
+    return runs, num_blocks
+
+
+def _case(context: int, tokens: int, args: argparse.Namespace, family, isa: str):
+    """(stock step, DUO step) of one layer: callables timed by the caller."""
+    from vllm_duo._vllm import ops
+    from vllm_duo.head_layout import split_pages
+
+    HEADS, GROUP, HEAD_SIZE = args.kv_heads, args.group, args.head_size
+    dtype, scale = torch.bfloat16, HEAD_SIZE**-0.5
+    retrieval = list(range(0, 2 * args.retrieval, 2))[: args.retrieval]  # not contiguous
+    runs, num_blocks = _runs(context, retrieval, dtype, args)
+    blocks = torch.randperm(num_blocks - 1)[: -(-context // BLOCK_SIZE)] + 1
+    step = _Step(context, tokens, BLOCK_SIZE, blocks, isa)
+    query = torch.randn(tokens, HEADS, GROUP, HEAD_SIZE).to(dtype)
+    key = torch.randn(tokens, HEADS, HEAD_SIZE).to(dtype)
+    value = torch.randn(tokens, HEADS, HEAD_SIZE).to(dtype)
+    out = torch.empty_like(query)
+    stock_cache = torch.randn(num_blocks, HEADS, BLOCK_SIZE, 2 * HEAD_SIZE).to(dtype)
+    key_cache, value_cache = split_pages(stock_cache)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=HEADS * GROUP, num_kv_heads=HEADS, head_dim=HEAD_SIZE,
+        seq_lens=step.seq_lens, dtype=dtype, query_start_loc=step.query_start_loc,
+        causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False,
+    )  # fmt: skip
+    rows = (tokens, HEADS * GROUP, HEAD_SIZE)
+
+    def stock() -> None:
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache,
+                                       step.slot_mapping, isa)  # fmt: skip
+        ops.cpu_attention_with_kv_cache(
+            query=query.view(rows), key_cache=key_cache, value_cache=value_cache,
+            output=out.view(rows), query_start_loc=step.query_start_loc, seq_lens=step.seq_lens,
+            scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+            block_table=step.block_table, softcap=0, scheduler_metadata=metadata, s_aux=None,
+        )  # fmt: skip
+
+    def duo() -> None:
+        step.step_cache.clear()  # made once per step and shared by layers: counted here
+        for run in runs:
+            family.forward_run(run, step, query, key, value, out, _Scales())
+
+    return stock, duo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="4096,8192,32768")
+    parser.add_argument("--phase", choices=("decode", "prefill", "both"), default="both")
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    parser.add_argument("--head-size", type=int, default=128)
+    parser.add_argument("--retrieval", type=int, default=4, help="retrieval heads of the layer")
+    parser.add_argument("--sink", type=int, default=64)
+    parser.add_argument("--recent", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--torch-path", action="store_true", help="streaming heads in torch")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from vllm_duo.families.cpu import CpuKernels
+
+    isa = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
+    family = CpuKernels(scale=args.head_size**-0.5, sink=args.sink, recent=args.recent,
+                        kv_cache_dtype="auto", dtype=torch.bfloat16)  # fmt: skip
+    if args.torch_path:
+        family.native = False
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpuinfo = f.read()
+    flags = [flag for flag in ("amx_tile", "avx512_bf16", "avx512f") if flag in cpuinfo]
+    print(f"one layer, {args.kv_heads * args.group}q/{args.kv_heads}kv heads "
+          f"d={args.head_size} bf16, {args.retrieval} retrieval heads, "
+          f"S={args.sink} W={args.recent}, threads={torch.get_num_threads()}, isa={isa}, "
+          f"cpu flags: {' '.join(flags) or 'no AVX-512/AMX'}, streaming: "
+          f"{'C++ op' if family.native else 'torch'} (least of {args.repeats})")  # fmt: skip
+    print(f"{'context':>8} {'phase':>8} {'stock ms':>10} {'DUO ms':>10} {'DUO/stock':>10}")
+    phases = ("decode", "prefill") if args.phase == "both" else (args.phase,)
+    for context in (int(c) for c in args.contexts.split(",")):
+        for phase in phases:
+            stock, duo = _case(context, 1 if phase == "decode" else context, args, family, isa)
+            repeats = args.repeats if phase == "decode" else max(2, args.repeats // 10)
+            stock_s, duo_s = _best(stock, repeats), _best(duo, repeats)
+            print(f"{context:>8} {phase:>8} {stock_s * 1e3:>10.3f} {duo_s * 1e3:>10.3f} "
+                  f"{stock_s / duo_s:>9.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
