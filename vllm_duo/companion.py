@@ -24,12 +24,12 @@ from vllm_duo._vllm import (
     FullAttentionSpec,
     KVCacheSpec,
     VllmConfig,
-    current_platform,
     extract_layer_index,
     get_current_vllm_config,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
     init_logger,
+    running_platform,
 )
 from vllm_duo.backend import DuoAttentionBackend, DuoAttentionImpl
 from vllm_duo.families import make_family
@@ -140,8 +140,9 @@ def attach_head_caches(layer: Attention) -> None:
     impl.head_caches = tuple(head_caches)
     choice = kernels_from_env()
     impl.kernels = make_family(
-        choice, current_platform.device_type, scale=impl.scale, sink=plan.settings.sink,
+        choice, running_platform().device_type, scale=impl.scale, sink=plan.settings.sink,
         recent=plan.settings.recent, kv_cache_dtype=impl.kv_cache_dtype, dtype=impl.dtype,
+        head_size=impl.head_size, block_size=vllm_config.cache_config.block_size,
     )  # fmt: skip
     logger.info_once(
         "DuoAttention kernels (%s=%s): %s", ENV_KERNELS, choice, impl.kernels.describe()

@@ -31,6 +31,8 @@ def make_family(
     recent: int,
     kv_cache_dtype: str,
     dtype: torch.dtype,
+    head_size: int,
+    block_size: int | None = None,
 ) -> KernelFamily:
     """The kernel family for this process; raises DuoConfigError with the reason if none fits."""
     if family_name(choice, device_type) == "cpu":
@@ -44,5 +46,6 @@ def make_family(
 
     return GpuKernels(
         choice=choice, device_type=device_type, scale=scale, sink=sink, recent=recent,
-        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_dtype=kv_cache_dtype, dtype=dtype, head_size=head_size,
+        block_size=block_size,
     )  # fmt: skip

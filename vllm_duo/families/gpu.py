@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from vllm_duo import cuda_ops
-from vllm_duo._vllm import flash_attn_varlen, triton_unified_attention
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.families.base import GroupStep, KVScales, select_heads, store_heads
 from vllm_duo.head_layout import HeadRun
@@ -34,15 +33,62 @@ TRITON_DECODE = "vllm-duo Triton decode"
 
 
 def _flash_attn():
+    """vLLM's FlashAttention varlen function and version, or None where it is not built."""
+    if not torch.cuda.is_available():
+        return None
+    try:  # late: this module imports without vLLM (the GPU check machine has none)
+        from vllm_duo._vllm import flash_attn_varlen
+    except ImportError:
+        return None
     return flash_attn_varlen()
 
 
 def _unified_attention():
+    """vLLM's Triton unified attention, or None where vLLM runs without Triton."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from vllm_duo._vllm import triton_unified_attention
+    except ImportError:
+        return None
     return triton_unified_attention()
 
 
-def pick_kernels(choice: str, device_type: str) -> tuple[str, str]:
-    """(retrieval kernel, streaming decode kernel) for ``VLLM_DUO_KERNELS=choice``."""
+# What the csrc/ decode extension serves (csrc/README.md, "Layout"); anything else goes to
+# the Triton decode kernel, which takes any head size up to 256 and any block size.
+CSRC_DTYPES = (torch.float16, torch.bfloat16)
+CSRC_HEAD_SIZES = (64, 128, 256)
+CSRC_BLOCK_SIZES = (16, 32, 64, 128)
+# vLLM's FlashAttention takes fp16/bf16 only, head sizes that are multiples of 8 up to 256.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _flash_serves(dtype: torch.dtype, head_size: int) -> bool:
+    return dtype in FLASH_DTYPES and head_size % 8 == 0 and head_size <= 256
+
+
+def _csrc_serves(dtype: torch.dtype, head_size: int, block_size: int | None) -> bool:
+    return (
+        dtype in CSRC_DTYPES
+        and head_size in CSRC_HEAD_SIZES
+        and (block_size is None or block_size in CSRC_BLOCK_SIZES)
+    )
+
+
+def pick_kernels(
+    choice: str,
+    device_type: str,
+    *,
+    dtype: torch.dtype,
+    head_size: int,
+    block_size: int | None = None,
+) -> tuple[str, str]:
+    """(retrieval kernel, streaming decode kernel) for ``VLLM_DUO_KERNELS=choice``.
+
+    The fastest installed kernel that serves the model's dtype, head size and block size
+    (None: not known yet): FlashAttention needs fp16/bf16, the csrc decode kernel fp16/bf16,
+    head sizes 64/128/256 and blocks of 16..128 tokens.
+    """
     if device_type == "cpu":
         if choice != "triton":
             raise DuoConfigError(
@@ -55,19 +101,28 @@ def pick_kernels(choice: str, device_type: str) -> tuple[str, str]:
     if choice == "triton":
         retrieval = TRITON_UNIFIED if _unified_attention() is not None else DUO_TRITON
         return retrieval, TRITON_DECODE
-    if _flash_attn() is not None:
+    if _flash_serves(dtype, head_size) and _flash_attn() is not None:
         retrieval = FLASH_ATTN
     elif _unified_attention() is not None:
         retrieval = TRITON_UNIFIED
     else:
         retrieval = DUO_TRITON
-    if cuda_ops.is_available():
+    if cuda_ops.is_available() and _csrc_serves(dtype, head_size, block_size):
         return retrieval, CSRC_DECODE
     if choice == "native":
+        if not cuda_ops.is_available():
+            reason = str(cuda_ops.load_error())
+        else:
+            reason = (
+                f"it serves dtype float16/bfloat16, head sizes {CSRC_HEAD_SIZES} and block "
+                f"sizes {CSRC_BLOCK_SIZES}; this model has dtype "
+                f"{str(dtype).removeprefix('torch.')}, head size {head_size} and block size "
+                f"{block_size}"
+            )
         raise DuoConfigError(
-            f"{ENV_KERNELS}=native needs the csrc/ CUDA decode extension, but "
-            f"{cuda_ops.load_error()}. Rebuild with `pip install -e '.[cuda]'` on a machine "
-            f"with nvcc, or set {ENV_KERNELS}=auto to use the Triton decode kernel."
+            f"{ENV_KERNELS}=native needs the csrc/ CUDA decode extension, but {reason}. "
+            f"Rebuild with `pip install -e '.[cuda]'` on a machine with nvcc if it is missing, "
+            f"or set {ENV_KERNELS}=auto to use the Triton decode kernel."
         )
     return retrieval, TRITON_DECODE
 
@@ -86,8 +141,13 @@ class GpuKernels:
         sink: int,
         recent: int,
         kv_cache_dtype: str,
+        dtype: torch.dtype,
+        head_size: int,
+        block_size: int | None = None,
     ) -> None:
-        self.retrieval_kernel, self.decode_kernel = pick_kernels(choice, device_type)
+        self.retrieval_kernel, self.decode_kernel = pick_kernels(
+            choice, device_type, dtype=dtype, head_size=head_size, block_size=block_size
+        )
         if device_type == "cpu" and not duo_triton.is_interpreted():
             raise DuoConfigError(
                 f"{ENV_KERNELS}=triton on CPU runs Triton's interpreter: set "
@@ -120,9 +180,7 @@ class GpuKernels:
         # [num_blocks, block_size, heads, D]: the order vLLM's CUDA kernels and ours read.
         key_cache, value_cache = run.keys, run.values
         new_keys, new_values = select_heads(key, run), select_heads(value, run)
-        blocks, offsets = _write_slots(step, key_cache.shape[1], num_tokens)
-        key_cache[blocks, offsets] = new_keys.to(key_cache.dtype)
-        value_cache[blocks, offsets] = new_values.to(value_cache.dtype)
+        write_run(step, key_cache, value_cache, new_keys, new_values)
 
         q = select_heads(query, run).reshape(num_tokens, heads * group, head_size)
         direct = run.head_range is not None
@@ -159,7 +217,7 @@ class GpuKernels:
             )  # fmt: skip
             out.copy_(result)
             return
-        if self.retrieval_kernel == TRITON_UNIFIED:
+        if self.retrieval_kernel == TRITON_UNIFIED and _int32_head_offsets(key_cache):
             unified = _unified_attention()
             assert unified is not None
             unified(
@@ -171,9 +229,10 @@ class GpuKernels:
                 v_descale=None,
             )  # fmt: skip
             return
-        # Full causal attention is the streaming rule with no sink and a window longer
-        # than any sequence of the step.
-        window = max(step.max_seq_len, 1)
+        # Full causal attention is the streaming rule with no sink and a window as long as
+        # the block table can address. Taken from shapes, not from the step's longest
+        # sequence: a host value of the step would be frozen into a captured CUDA graph.
+        window = step.block_table.shape[1] * key_cache.shape[1]
         self._sink_window(step, q, key_cache, value_cache, None, None, out, 0, window)
 
     def _streaming(
@@ -188,7 +247,9 @@ class GpuKernels:
         out: torch.Tensor,
     ) -> None:
         decodes = step.num_decodes
-        if decodes and self.decode_kernel == CSRC_DECODE:
+        # The extension takes blocks of 16..128 tokens; other block sizes use Triton's decode
+        # (chosen up front when the block size was known at start-up).
+        if decodes and self.decode_kernel == CSRC_DECODE and key_cache.shape[1] in CSRC_BLOCK_SIZES:
             cuda_ops.sink_window_decode_heads(
                 q[:decodes], [run.cache[:, h : h + 1] for h in range(len(run.kv_heads))],
                 step.block_table[:decodes], step.seq_lens[:decodes], sink=self.sink,
@@ -246,6 +307,41 @@ class GpuKernels:
             new_keys=None if new_keys is None else new_keys[rows],
             new_values=None if new_values is None else new_values[rows], out=out[rows],
         )  # fmt: skip
+
+
+def _int32_head_offsets(cache: torch.Tensor) -> bool:
+    """Whether a [blocks, block_size, heads, D] view's offsets within a block fit int32.
+
+    vLLM's Triton unified attention widens only the block offset to int64; ``kv_head *
+    stride`` is int32 there. A run's head stride is a whole cache layer, which on a large
+    GPU cache can pass 2**31 elements after a few heads: such runs take the project's
+    Triton kernel (int64 offsets) instead.
+    """
+    _, block_size, heads, head_size = cache.shape
+    last = (
+        (block_size - 1) * cache.stride(1)
+        + (heads - 1) * cache.stride(2)
+        + (head_size - 1) * cache.stride(3)
+    )
+    return last < 2**31
+
+
+def write_run(
+    step: GroupStep,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+) -> None:
+    """The step's keys/values of a run's heads into its caches: one indexed store each.
+
+    Args:
+        key_cache, value_cache: [num_blocks, block_size, heads, D] views of the run's pages.
+        new_keys, new_values: [num_tokens, heads, D] in the order of the views' head axis.
+    """
+    blocks, offsets = _write_slots(step, key_cache.shape[1], new_keys.shape[0])
+    key_cache[blocks, offsets] = new_keys.to(key_cache.dtype)
+    value_cache[blocks, offsets] = new_values.to(value_cache.dtype)
 
 
 def _write_slots(

@@ -144,7 +144,9 @@ def _decode_kernel(
     # Grid (request, KV head, split). The GROUP query heads of the KV head are the rows of
     # one tile (padded to BLOCK_G >= 16 for tl.dot), so each K/V row is loaded once.
     req = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
+    # int64: a run's head stride is a whole layer of the cache, so kv_head * stride can
+    # pass 2**31 elements on a large GPU cache (Triton passes strides below 2**31 as i32).
+    kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
 
     seq_len = tl.load(lens_ptr + req)
@@ -345,7 +347,9 @@ def _prefill_kernel(
     # numbering needs no host copy of query_start_loc and gives every request enough
     # tiles (num_tokens // BLOCK_Q + num_reqs in all); surplus tiles exit at once.
     pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # int64: a run's head stride is a whole layer of the cache, so kv_head * stride can
+    # pass 2**31 elements on a large GPU cache (Triton passes strides below 2**31 as i32).
+    kv_head = tl.program_id(1).to(tl.int64)
     lo: tl.int32 = 0
     hi = num_reqs
     while lo < hi:

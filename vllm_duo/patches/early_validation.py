@@ -8,15 +8,18 @@ The hook is the running platform's ``check_and_update_config`` (CPU or CUDA).
 
 from __future__ import annotations
 
-from vllm_duo._vllm import current_platform
+from typing import Any
 
-_PLATFORM = type(current_platform)
-_ORIGINAL = _PLATFORM.check_and_update_config.__func__
+from vllm_duo._vllm import running_platform
+
 _MARK = "_vllm_duo_patched"
+_ORIGINAL: dict[type, Any] = {}
+"""The unwrapped classmethod function, per platform class patched."""
 
 
 def _check_and_update_config(cls, vllm_config) -> None:
-    _ORIGINAL(cls, vllm_config)
+    original = next(f for klass, f in _ORIGINAL.items() if issubclass(cls, klass))
+    original(cls, vllm_config)
     from vllm_duo.patches.cpu_platform import is_duo
 
     attention_config = getattr(vllm_config, "attention_config", None)
@@ -29,10 +32,13 @@ def _check_and_update_config(cls, vllm_config) -> None:
 
 
 def apply() -> None:
-    if getattr(_PLATFORM.check_and_update_config, _MARK, False):
+    # The platform vLLM runs on in this process, looked up now (not at import).
+    platform = type(running_platform())
+    if getattr(platform.check_and_update_config, _MARK, False):
         return
+    _ORIGINAL[platform] = platform.check_and_update_config.__func__
     setattr(_check_and_update_config, _MARK, True)
-    _PLATFORM.check_and_update_config = classmethod(_check_and_update_config)
+    platform.check_and_update_config = classmethod(_check_and_update_config)
 
 
 def still_needed() -> bool:
