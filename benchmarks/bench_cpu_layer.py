@@ -22,23 +22,24 @@ import torch
 
 
 class _Step:
-    """The GroupStep of one request (decode: 1 query; prefill: the whole context)."""
+    """The GroupStep of ``requests`` requests over one shared prompt (a prefix-cache hit):
+    decode (1 query each) or prefill (the whole context each)."""
 
     def __init__(self, context: int, queries: int, block_size: int, blocks: torch.Tensor,
-                 isa: str) -> None:  # fmt: skip
-        self.num_actual_tokens = queries
-        self.num_reqs = 1
+                 isa: str, requests: int = 1) -> None:  # fmt: skip
+        self.num_actual_tokens = queries * requests
+        self.num_reqs = requests
         self.max_query_len = queries
         self.max_seq_len = context
-        self.query_start_loc = torch.tensor([0, queries], dtype=torch.int32)
-        self.query_start_loc_host = [0, queries]
-        self.seq_lens = torch.tensor([context], dtype=torch.int32)
-        self.seq_lens_host = [context]
-        self.block_table = blocks[None].int()
-        positions = torch.arange(context - queries, context)
+        self.query_start_loc = torch.arange(requests + 1, dtype=torch.int32) * queries
+        self.query_start_loc_host = self.query_start_loc.tolist()
+        self.seq_lens = torch.full((requests,), context, dtype=torch.int32)
+        self.seq_lens_host = self.seq_lens.tolist()
+        self.block_table = blocks[None].expand(requests, -1).int().contiguous()
+        positions = torch.arange(context - queries, context).repeat(requests)
         self.slot_mapping = (blocks[positions // block_size] * block_size
                              + positions % block_size).long()  # fmt: skip
-        self.num_decodes = 1 if queries == 1 else 0
+        self.num_decodes = requests if queries == 1 else 0
         self.num_decode_tokens = self.num_decodes
         self.isa = isa
         self.step_cache: dict = {}
@@ -99,7 +100,8 @@ def _case(context: int, tokens: int, args: argparse.Namespace, family, isa: str)
     retrieval = list(range(0, 2 * args.retrieval, 2))[: args.retrieval]  # not contiguous
     runs, num_blocks = _runs(context, retrieval, dtype, args)
     blocks = torch.randperm(num_blocks - 1)[: -(-context // BLOCK_SIZE)] + 1
-    step = _Step(context, tokens, BLOCK_SIZE, blocks, isa)
+    step = _Step(context, tokens, BLOCK_SIZE, blocks, isa, args.requests)
+    tokens *= args.requests
     query = torch.randn(tokens, HEADS, GROUP, HEAD_SIZE).to(dtype)
     key = torch.randn(tokens, HEADS, HEAD_SIZE).to(dtype)
     value = torch.randn(tokens, HEADS, HEAD_SIZE).to(dtype)
@@ -107,7 +109,7 @@ def _case(context: int, tokens: int, args: argparse.Namespace, family, isa: str)
     stock_cache = torch.randn(num_blocks, HEADS, BLOCK_SIZE, 2 * HEAD_SIZE).to(dtype)
     key_cache, value_cache = split_pages(stock_cache)
     metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=HEADS * GROUP, num_kv_heads=HEADS, head_dim=HEAD_SIZE,
+        num_reqs=args.requests, num_heads=HEADS * GROUP, num_kv_heads=HEADS, head_dim=HEAD_SIZE,
         seq_lens=step.seq_lens, dtype=dtype, query_start_loc=step.query_start_loc,
         causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False,
     )  # fmt: skip
@@ -139,6 +141,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--retrieval", type=int, default=4, help="retrieval heads of the layer")
+    parser.add_argument("--requests", type=int, default=1, help="requests sharing the prompt")
     parser.add_argument("--sink", type=int, default=64)
     parser.add_argument("--recent", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -158,7 +161,7 @@ def main() -> None:
     from vllm_duo.bench.run import machine_description
 
     print(f"one layer, {args.kv_heads * args.group}q/{args.kv_heads}kv heads "
-          f"d={args.head_size} bf16, {args.retrieval} retrieval heads, "
+          f"d={args.head_size} bf16, {args.retrieval} retrieval heads, {args.requests} request(s), "
           f"S={args.sink} W={args.recent}, threads={torch.get_num_threads()}, isa={isa}, "
           f"{machine_description()}, streaming: "
           f"{'C++ op' if family.native else 'torch'} (least of {args.repeats})")  # fmt: skip
