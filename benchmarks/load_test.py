@@ -428,6 +428,8 @@ class RequestResult:
     chunks: int = 0
     ttft_s: float | None = None
     latency_s: float = 0.0
+    sent_at: float = 0.0  # perf_counter when the request left the client
+    done_at: float = 0.0  # perf_counter when its answer ended (or the client hung up)
 
 
 async def send(
@@ -523,7 +525,10 @@ async def run_load(
     """Send ``specs`` with at most ``concurrency`` in flight.
 
     Returns (results, wall seconds, peaks): peaks are the largest running / waiting request
-    counts and KV cache usage that /metrics showed while the load ran (sampled every 0.25 s).
+    counts and KV cache usage that /metrics showed while the load ran (sampled every 0.25 s,
+    so a fast machine can finish the busy part between two samples), and ``in_flight``: the
+    most requests the server had been sent and not yet finished at one moment, from the
+    client's own timestamps, which no sampling can miss.
     """
     import aiohttp
 
@@ -557,7 +562,10 @@ async def run_load(
 
         async def one(spec: RequestSpec) -> RequestResult:
             async with semaphore:
-                return await send(session, base_url, model, spec)
+                sent_at = time.perf_counter()
+                result = await send(session, base_url, model, spec)
+                result.sent_at, result.done_at = sent_at, time.perf_counter()
+                return result
 
         watcher = asyncio.create_task(watch())
         started = time.perf_counter()
@@ -569,7 +577,20 @@ async def run_load(
             wall_s = time.perf_counter() - started
             done.set()
             await watcher
+    peaks["in_flight"] = float(peak_overlap([(r.sent_at, r.done_at) for r in results]))
     return list(results), wall_s, peaks
+
+
+def peak_overlap(intervals: Sequence[tuple[float, float]]) -> int:
+    """The most half-open intervals [start, end) that contain one moment."""
+    # At equal times an end sorts before a start: a request that ended as another began
+    # was not in flight with it.
+    events = sorted([(end, -1) for _, end in intervals] + [(start, 1) for start, _ in intervals])
+    peak = current = 0
+    for _, step in events:
+        current += step
+        peak = max(peak, current)
+    return peak
 
 
 # --------------------------------------------------------------------------------------------
@@ -828,10 +849,10 @@ def print_summary(summary: Mapping[str, Any]) -> None:
         ("equal to offline / ties / differ",
          f"{summary['offline_equal']} / {summary['offline_tie']} / {summary['offline_differs']}"
          f" of {summary['compared']}"),
-        ("client concurrency; peak running / waiting in server",
-         f"{summary.get('concurrency')}; {summary.get('peak_running', 0):.0f} / "
-         f"{summary.get('peak_waiting', 0):.0f}"),
-        ("peak KV cache usage", f"{summary.get('peak_kv_cache_usage', 0):.2f}"),
+        ("client concurrency; peak in flight; sampled running / waiting",
+         f"{summary.get('concurrency')}; {summary.get('peak_in_flight', 0):.0f}; "
+         f"{summary.get('peak_running', 0):.0f} / {summary.get('peak_waiting', 0):.0f}"),
+        ("sampled peak KV cache usage", f"{summary.get('peak_kv_cache_usage', 0):.2f}"),
         ("wall time", f"{summary['wall_s']:.1f} s"),
         ("tokens received, per second",
          f"{summary['tokens_received']}, {summary['tokens_per_s']:.1f}/s"),
