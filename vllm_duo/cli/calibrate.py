@@ -18,7 +18,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """The ``calibrate`` subcommand (defaults shown from :class:`CalibrationConfig`)."""
     import dataclasses
 
-    from vllm_duo.calibration.train import CalibrationConfig
+    from vllm_duo.calibration.train import METHODS, CalibrationConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(CalibrationConfig)}
     calibrate = commands.add_parser(
@@ -62,6 +62,32 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=("auto", "float32", "bfloat16", "float16"),
         help="model dtype; auto = float32 on CPU, bfloat16 on CUDA (default auto)",
     )
+    from vllm_duo.calibration.data import GENERATED, LENGTH_DISTS
+    from vllm_duo.evaluation.texts import SOURCES
+
+    calibrate.add_argument(
+        "--method",
+        default=defaults["method"],
+        choices=METHODS,
+        help="gates: DuoAttention's gate distillation; attention-mass: a cheap baseline that "
+        "ranks heads by the attention their answer positions pay outside sink + window on "
+        f"--steps prompts, no training (default {defaults['method']})",
+    )
+    calibrate.add_argument(
+        "--haystack",
+        default=defaults["haystack"],
+        choices=(*SOURCES, GENERATED),
+        help="text the pass keys hide in: an offline text source, or generated filler "
+        f"sentences (default {defaults['haystack']})",
+    )
+    calibrate.add_argument(
+        "--length-dist",
+        default=defaults["length_dist"],
+        choices=LENGTH_DISTS,
+        help="how each step's prompt length is drawn from [--min-len, --max-len]; log-uniform "
+        f"gives each doubling of the length the same share of steps (default "
+        f"{defaults['length_dist']})",
+    )
     calibrate.add_argument(
         "--model-id",
         default=None,
@@ -97,6 +123,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         dtype=args.dtype,
         model_id=args.model_id,
+        haystack=args.haystack,
+        length_dist=args.length_dist,
+        method=args.method,
     )
     out_dir = calibrate(config, progress=True)
     gates = load_gates(out_dir)
