@@ -7,6 +7,8 @@ Subcommands, one module each:
 - ``vllm-duo calibrate MODEL_DIR --out DIR`` (:mod:`vllm_duo.cli.calibrate`): learn a pattern
   for a local model (:mod:`vllm_duo.calibration`; torch and transformers, not vLLM).
 - ``vllm-duo bench`` (:mod:`vllm_duo.cli.bench`): DUO against the stock backend.
+- ``vllm-duo eval MODEL_DIR`` (:mod:`vllm_duo.cli.eval`): long-context accuracy of a pattern
+  (heat maps, sparsity sweep, agreement with full attention).
 
 Shared output and parsing helpers live in :mod:`vllm_duo.cli.common`. Commands that need an
 engine import it inside their own handler (or in a worker process), never at module level, so
@@ -23,6 +25,7 @@ import sys
 
 from vllm_duo import __version__
 from vllm_duo.cli import bench, calibrate, patterns
+from vllm_duo.cli import eval as eval_command
 from vllm_duo.cli.common import PROG, Parser, UsageError, error_line
 from vllm_duo.errors import DuoConfigError
 
@@ -32,11 +35,11 @@ __all__ = ["main"]
 def _build_parser() -> Parser:
     parser = Parser(
         prog=PROG,
-        description="DuoAttention for vLLM: inspect, calibrate and benchmark head patterns.",
+        description="DuoAttention for vLLM: inspect, calibrate, evaluate and benchmark patterns.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (patterns, calibrate, bench):
+    for module in (patterns, calibrate, bench, eval_command):
         module.add_parser(commands)
     return parser
 

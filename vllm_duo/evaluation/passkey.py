@@ -33,11 +33,43 @@ __all__ = ["FAMILIES", "PasskeyCase", "PromptFamily", "build_cases", "first_numb
 
 # Words that name a held-out key ("the special magic number for <word>").
 _KEY_WORDS = (
-    "amber", "anchor", "badger", "beacon", "cedar", "cobalt", "comet", "copper", "coral",
-    "falcon", "fern", "glacier", "harbor", "hazel", "heron", "indigo", "ivory", "jasper",
-    "juniper", "lantern", "maple", "marble", "meadow", "nectar", "obsidian", "orchid", "otter",
-    "pebble", "quartz", "raven", "saffron", "sequoia", "thistle", "tundra", "velvet", "willow",
-)  # fmt: skip
+    "amber",
+    "anchor",
+    "badger",
+    "beacon",
+    "cedar",
+    "cobalt",
+    "comet",
+    "copper",
+    "coral",
+    "falcon",
+    "fern",
+    "glacier",
+    "harbor",
+    "hazel",
+    "heron",
+    "indigo",
+    "ivory",
+    "jasper",
+    "juniper",
+    "lantern",
+    "maple",
+    "marble",
+    "meadow",
+    "nectar",
+    "obsidian",
+    "orchid",
+    "otter",
+    "pebble",
+    "quartz",
+    "raven",
+    "saffron",
+    "sequoia",
+    "thistle",
+    "tundra",
+    "velvet",
+    "willow",
+)
 
 _NUMBER = re.compile(r"[0-9]+(?:,[0-9]{3})*")
 
@@ -169,9 +201,15 @@ class PasskeyCase:
 
     def to_dict(self) -> dict[str, Any]:
         """The case without its token ids (for result files)."""
-        return {"family": self.family, "length": self.length, "depth": self.depth,
-                "key": self.key, "word": self.word, "index": self.index,
-                "needle_position": self.needle_position}  # fmt: skip
+        return {
+            "family": self.family,
+            "length": self.length,
+            "depth": self.depth,
+            "key": self.key,
+            "word": self.word,
+            "index": self.index,
+            "needle_position": self.needle_position,
+        }
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -224,9 +262,16 @@ class _Builder:
         ids.extend(question)
         ids.extend(self.middle)
         ids.extend(primer)
-        return PasskeyCase(family=family.name, length=len(ids), depth=depth, key=key, word=word,
-                           index=index, prompt_ids=tuple(ids),
-                           needle_position=needle_position)  # fmt: skip
+        return PasskeyCase(
+            family=family.name,
+            length=len(ids),
+            depth=depth,
+            key=key,
+            word=word,
+            index=index,
+            prompt_ids=tuple(ids),
+            needle_position=needle_position,
+        )
 
 
 def _frame(tokenizer: Any) -> tuple[list[int], list[int]]:
