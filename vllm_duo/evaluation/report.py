@@ -308,7 +308,7 @@ def table(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
             if kv:
                 body.append(
                     [
-                        f"KV B/token @{_k(kv['context'])}",
+                        f"KV B/token @{_k(kv['context'])} (full {kv['full']:.0f})",
                         *[f"{kv['by_sparsity'][s]:.0f}" for s in sparsities],
                         f"{kv['by_sparsity']['1.0']:.0f}",
                     ]
@@ -364,6 +364,12 @@ def _figure(width: float, height: float) -> Any:
     return figure
 
 
+def _wrap(title: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width=width))
+
+
 def plot_niah(
     path: Path, results: dict[str, Any], summary: dict[str, Any], family: str, title: str
 ) -> Path:
@@ -379,13 +385,13 @@ def plot_niah(
         axes.set_xticks(range(len(lengths)), [_k(n) for n in lengths], rotation=45)
         axes.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         point = _point(method, None, settings["sparsity"])
-        label = method if point is None else f"{method} (sparsity {point:g})"
+        label = method if point is None else f"{method} @{point:g}"
         axes.set_title(f"{label}\n{_pct(data['all'])} correct", fontsize=10)
         axes.set_xlabel("context tokens")
         if i == 0:
             axes.set_ylabel("needle depth")
     figure.colorbar(image, ax=figure.axes, shrink=0.8, label="accuracy")
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(_wrap(title, 40 + 30 * len(niah)), fontsize=10, y=1.08)
     figure.savefig(path, dpi=100, bbox_inches="tight")
     return path
 
@@ -417,9 +423,10 @@ def plot_sweep(path: Path, results: dict[str, Any], summary: dict[str, Any], tit
         if kv:
             right = axes.twinx()
             xs = sorted(float(s) for s in kv["by_sparsity"])
+            ys = [kv["by_sparsity"][str(x)] / kv["full"] for x in xs]
             right.plot(
-                xs,
-                [kv["by_sparsity"][str(x)] / kv["full"] for x in xs],
+                [0.0, *xs],
+                [1.0, *ys],
                 color="grey",
                 alpha=0.5,
                 linewidth=1,
@@ -433,7 +440,7 @@ def plot_sweep(path: Path, results: dict[str, Any], summary: dict[str, Any], tit
         lengths = ",".join(_k(n) for n in settings["sweep_lengths"])
         axes.set_title(f"{family} family ({lengths})", fontsize=10)
         axes.legend(loc="lower left", fontsize=8)
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(_wrap(title, 60 * len(families)), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
@@ -459,7 +466,7 @@ def plot_agreement(path: Path, results: dict[str, Any], title: str) -> Path:
     left.set_yscale("log")
     left.set_ylabel(f"KL(full || method), nats, mean of {span}")
     right.set_ylabel(f"top-1 agreement with full, mean of {span}")
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(_wrap(title, 120), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
