@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -292,6 +293,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vllm_duo.evaluation.run import run_eval
 
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    # SIGTERM unwinds like Ctrl-C, so the running worker is stopped too; a rerun with the same
+    # settings and --out reuses the jobs that had finished.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     results = run_eval(config, tokenizer)
     summary = report.analyse(results, shape)
     meta = results["meta"]

@@ -181,23 +181,28 @@ def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: 
     hidden = work / "hidden"
     hidden.mkdir(parents=True, exist_ok=True)
     results = work / f"{job.tag}.jsonl"
-    results.unlink(missing_ok=True)
     request = work / f"{job.tag}.request.json"
     prompts = [list(c.prompt_ids) for c in job.cases] if job.mode == "generate" else job.windows
-    request.write_text(
-        json.dumps(
-            {
-                "model": str(config.model),
-                "llm_kwargs": _llm_kwargs(config, job.method),
-                "mode": job.mode,
-                "prompts": prompts,
-                "max_tokens": config.max_tokens,
-                "batch": 4 if job.mode == "generate" else 1,
-                "hidden_dir": str(hidden),
-                "tag": job.tag,
-            }
-        )
+    text = json.dumps(
+        {
+            "model": str(config.model),
+            "llm_kwargs": _llm_kwargs(config, job.method),
+            "mode": job.mode,
+            "prompts": prompts,
+            "max_tokens": config.max_tokens,
+            "batch": 4 if job.mode == "generate" else 1,
+            "hidden_dir": str(hidden),
+            "tag": job.tag,
+        }
     )
+    reused = _finished(request, results, text, job)
+    if reused is not None:
+        # The same job already ran to the end in this --out (an interrupted eval, rerun).
+        if progress is not None:
+            progress.update(job.size)
+        return reused
+    results.unlink(missing_ok=True)
+    request.write_text(text)
     log_path = config.out / "logs" / f"{job.tag}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # vLLM's IPC socket paths must stay under 107 bytes, so the temp dir is short.
@@ -214,9 +219,18 @@ def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: 
             )
             if progress is not None:
                 progress.set_postfix_str(job.tag)
-            while process.poll() is None:
-                time.sleep(1.0)
-                done = _advance(progress, results, done)
+            try:
+                while process.poll() is None:
+                    time.sleep(1.0)
+                    done = _advance(progress, results, done)
+            finally:
+                # Interrupted (Ctrl-C, SIGTERM): do not leave the engine running alone.
+                if process.poll() is None:
+                    process.terminate()
+                    try:
+                        process.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
             _advance(progress, results, done)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,6 +247,18 @@ def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: 
         "wall_s": time.time() - started,
         "startup_s": engine["startup_s"],
     }
+
+
+def _finished(request: Path, results: Path, text: str, job: Job) -> dict | None:
+    """The results of an identical request that completed earlier, else None."""
+    if not request.exists() or request.read_text() != text:
+        return None
+    rows = _read(results)
+    done = [r for r in rows if r["kind"] != "engine"]
+    if len(done) != job.size or not all(Path(r["path"]).exists() for r in done if "path" in r):
+        return None
+    engine = next(r for r in rows if r["kind"] == "engine")
+    return {"rows": done, "wall_s": 0.0, "startup_s": engine["startup_s"], "reused": True}
 
 
 def _advance(progress: Any, results: Path, done: int) -> int:
