@@ -202,3 +202,20 @@ def test_small_real_run_writes_table_json_and_plots(tmp_path, capsys, monkeypatc
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert data["meta"]["command"].startswith("vllm-duo eval")
     assert len([j for j in data["meta"]["jobs"]]) == 6  # one process per method and mode
+
+
+def test_a_finished_job_is_reused_only_when_identical_and_complete(tmp_path):
+    from vllm_duo.evaluation.run import Job, _finished
+
+    job = Job("full", None, "generate", cases=[object(), object()])  # type: ignore[list-item]
+    request, results = tmp_path / "r.json", tmp_path / "r.jsonl"
+    assert _finished(request, results, "{}", job) is None
+    request.write_text("{}")
+    rows = [{"kind": "engine", "startup_s": 1.5}, {"kind": "answer", "i": 0, "text": "1"}]
+    results.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert _finished(request, results, "{}", job) is None  # one answer missing
+    with results.open("a") as f:
+        f.write(json.dumps({"kind": "answer", "i": 1, "text": "2"}) + "\n")
+    reused = _finished(request, results, "{}", job)
+    assert reused is not None and [r["i"] for r in reused["rows"]] == [0, 1]
+    assert _finished(request, results, '{"other": 1}', job) is None  # different request
