@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
+        # The command as typed, for result files that record how they were made.
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         return int(args.handler(args))
     except SystemExit as exc:  # --help and --version exit through argparse
         code = exc.code

@@ -299,7 +299,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = run_eval(config, tokenizer)
     summary = report.analyse(results, shape)
     meta = results["meta"]
-    command = "vllm-duo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "vllm-duo " + " ".join(shlex.quote(a) for a in args.argv)
     meta["command"] = command
     title = (
         f"{model.name}, pattern {Path(pattern).name}, S={config.sink} W={config.recent}, "

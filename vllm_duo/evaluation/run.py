@@ -75,10 +75,11 @@ def random_pattern(reference: Path, directory: Path, seed: int) -> Path:
 
 def agreement_windows(tokenizer: Any, length: int, count: int) -> list[list[int]]:
     """``count`` windows of ``length`` tokens spread evenly over the agreement text."""
-    from vllm_duo.evaluation.texts import load_sentences
+    from vllm_duo.evaluation.texts import SentencePool
 
-    text = "".join(load_sentences(AGREEMENT_SOURCE)).strip()
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # Sentence by sentence (as the passkey haystacks), not the whole book in one call.
+    pool = SentencePool(tokenizer, AGREEMENT_SOURCE)
+    ids = [token for sentence in pool.ids for token in sentence]
     if len(ids) < length:
         raise DuoConfigError(
             f"--agreement-length={length}: the agreement text has only {len(ids)} tokens."
