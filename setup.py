@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import runpy
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -28,7 +29,7 @@ setup(
     name="vllm-duo",
     version="0.1.0",
     description="DuoAttention (retrieval + streaming heads) as a vLLM attention backend",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

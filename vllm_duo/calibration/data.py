@@ -1,10 +1,15 @@
 """Synthetic multi-passkey prompts for DuoAttention calibration, generated offline.
 
-Every prompt is filler text with several pass keys hidden at random depths
+Every prompt is a haystack with several pass keys hidden at random depths
 (``"The pass key is NNNNN. Remember it."``), then a question asking for them and the answer
 (the pass keys in order, ``"12345, 67890, 13579"``). Heads that must look far back to copy a
 pass key into the answer are the retrieval heads DuoAttention's optimisation finds; the
 calibration loss is taken at the answer tokens.
+
+The haystack is natural text by default: a run of consecutive sentences, from a random
+sentence on, of an offline text source (:mod:`vllm_duo.evaluation.texts`; ``vllm-duo
+calibrate`` uses the Python language reference), as the paper hides its keys in book text.
+``haystack="generated"`` gives the short generated filler sentences of the first calibrations.
 
 The prompt is assembled directly in token ids, segment by segment (template head, filler
 sentences, pass-key sentences, question, template middle, answer), each segment tokenized on
@@ -21,14 +26,18 @@ exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.evaluation.texts import SOURCES, SentencePool
 
 __all__ = [
+    "GENERATED",
+    "LENGTH_DISTS",
     "PASSKEY_DIGITS",
     "PasskeyDataset",
     "PasskeySample",
@@ -38,6 +47,12 @@ __all__ = [
 
 PASSKEY_DIGITS = 5
 """Digits per pass key (``10000`` to ``99999``)."""
+
+GENERATED = "generated"
+"""Haystack of generated filler sentences (the first calibrations); else a text source name."""
+
+LENGTH_DISTS = ("uniform", "log-uniform")
+"""How a step's prompt length is drawn from ``[min_len, max_len]``."""
 
 # Pass keys are hidden between MIN_DEPTH and MAX_DEPTH of the filler (fractions of its tokens).
 MIN_DEPTH, MAX_DEPTH = 0.05, 0.95
@@ -223,6 +238,8 @@ class PasskeyDataset:
             once per step (all prompts of a batch share the length, so no padding is needed).
         num_passkeys: pass keys hidden per prompt (the answer lists all of them in order).
         seed: the data seed.
+        haystack: a text source name (natural text) or ``"generated"`` (filler sentences).
+        length_dist: ``"uniform"`` or ``"log-uniform"`` in ``[min_len, max_len]``.
 
     Raises:
         DuoConfigError: ``min_len`` too small to hold the question, the pass keys and the
@@ -237,6 +254,8 @@ class PasskeyDataset:
         max_len: int,
         num_passkeys: int,
         seed: int,
+        haystack: str = "generated",
+        length_dist: str = "uniform",
     ) -> None:
         if num_passkeys < 1:
             raise DuoConfigError(f"--passkeys={num_passkeys} must be an integer >= 1.")
@@ -244,7 +263,21 @@ class PasskeyDataset:
             raise DuoConfigError(
                 f"--min-len={min_len} and --max-len={max_len}: need 1 <= --min-len <= --max-len."
             )
+        if length_dist not in LENGTH_DISTS:
+            raise DuoConfigError(
+                f"--length-dist={length_dist!r} is invalid: expected one of "
+                f"{', '.join(LENGTH_DISTS)}."
+            )
+        if haystack != GENERATED and haystack not in SOURCES:
+            raise DuoConfigError(
+                f"--haystack={haystack!r} is invalid: expected {GENERATED} or a text source "
+                f"({', '.join(SOURCES)})."
+            )
         self._tokenizer = tokenizer
+        self.haystack = haystack
+        self.length_dist = length_dist
+        # Natural text: every sentence of the source tokenized once, runs of them per prompt.
+        self._pool = SentencePool(tokenizer, haystack) if haystack != GENERATED else None
         self.min_len = min_len
         self.max_len = max_len
         self.num_passkeys = num_passkeys
@@ -318,6 +351,11 @@ class PasskeyDataset:
     def length_for_step(self, step: int) -> int:
         """Prompt length T of every sample of ``step``: uniform in ``[min_len, max_len]``."""
         rng = random.Random(f"vllm-duo-passkey:{self.seed}:length:{step}")
+        if self.length_dist == "log-uniform":
+            # Each doubling of the length gets the same share of steps: long prompts, which
+            # cost quadratically more, still come up without dominating the run time.
+            value = math.exp(rng.uniform(math.log(self.min_len), math.log(self.max_len)))
+            return min(self.max_len, max(self.min_len, round(value)))
         return rng.randint(self.min_len, self.max_len)
 
     def batch(self, step: int, batch_size: int) -> list[PasskeySample]:
@@ -388,8 +426,11 @@ class PasskeyDataset:
     def _filler(self, rng: random.Random, budget: int) -> list[list[int]]:
         """Filler sentences (token ids) totalling exactly ``budget`` tokens.
 
-        The last sentence is cut to fit; sentence boundaries are where pass keys can go.
+        The last sentence is cut to fit; sentence boundaries are where pass keys can go. With a
+        natural-text haystack the sentences are a run of the source from a random sentence on.
         """
+        if self._pool is not None:
+            return self._pool.run(rng.randrange(len(self._pool)), budget)
         sentences: list[list[int]] = []
         total = 0
         while total < budget:

@@ -60,6 +60,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 CHECKPOINT_FORMAT = 1
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+METHODS = ("gates", "attention-mass")
+"""``gates``: DuoAttention's gate distillation; ``attention-mass``: the far-attention baseline."""
 _DEVICE_RE = re.compile(r"cpu|cuda(:[0-9]+)?")
 # Settings that define the optimisation: a resumed run must use the same values.
 _RESUME_KEYS = (
@@ -74,6 +76,8 @@ _RESUME_KEYS = (
     "passkeys",
     "dtype",
     "tile",
+    "haystack",
+    "length_dist",
 )
 
 
@@ -105,6 +109,13 @@ class CalibrationConfig:
         model_id: model id recorded in ``model.json`` (default: the id the model directory
             records, else its name).
         tile: query rows per streaming-attention tile (memory/speed trade-off).
+        haystack: the text the pass keys hide in: an offline text source
+            (:data:`vllm_duo.evaluation.texts.SOURCES`) or ``"generated"`` filler sentences.
+        length_dist: ``uniform`` or ``log-uniform`` prompt lengths in ``[min_len, max_len]``.
+        method: ``gates`` (train gates, the paper's optimisation) or ``attention-mass`` (rank
+            heads by the attention their answer positions pay to tokens outside sink + window
+            on ``steps`` calibration prompts; no training, see
+            :mod:`vllm_duo.calibration.attention_mass`).
     """
 
     model: Path
@@ -125,6 +136,9 @@ class CalibrationConfig:
     dtype: str = "auto"
     model_id: str | None = None
     tile: int = 256
+    haystack: str = "python-reference"
+    length_dist: str = "uniform"
+    method: str = "gates"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model).expanduser())
@@ -174,6 +188,23 @@ class CalibrationConfig:
         if self.dtype not in _DTYPES:
             raise DuoConfigError(
                 f"--dtype={self.dtype!r} is invalid: expected one of {', '.join(_DTYPES)}."
+            )
+        from vllm_duo.calibration.data import GENERATED, LENGTH_DISTS
+        from vllm_duo.evaluation.texts import SOURCES
+
+        if self.haystack != GENERATED and self.haystack not in SOURCES:
+            raise DuoConfigError(
+                f"--haystack={self.haystack!r} is invalid: expected {GENERATED} or a text "
+                f"source ({', '.join(SOURCES)})."
+            )
+        if self.method not in METHODS:
+            raise DuoConfigError(
+                f"--method={self.method!r} is invalid: expected one of {', '.join(METHODS)}."
+            )
+        if self.length_dist not in LENGTH_DISTS:
+            raise DuoConfigError(
+                f"--length-dist={self.length_dist!r} is invalid: expected one of "
+                f"{', '.join(LENGTH_DISTS)}."
             )
         if self.model_id is not None and not (
             isinstance(self.model_id, str) and self.model_id.strip()
@@ -496,6 +527,8 @@ def _write_pattern(
         # Keys named as in the upstream DuoAttention training dump, for tools that read it.
         "model_name": str(config.model),
         "dataset_format": "synthetic_multiple_passkey",
+        "haystack": config.haystack,
+        "length_distribution": config.length_dist,
         "lr": config.lr,
         "num_steps": config.steps,
         "batch_size": config.batch_size,
@@ -506,7 +539,7 @@ def _write_pattern(
         "recent_size": config.recent,
         "reg_weight": config.reg,
         "initial_value": 1.0,
-        "supervision": "distill",
+        "supervision": "distill" if config.method == "gates" else "attention-mass",
         "seed": config.seed,
         "device": config.device,
         # Everything else.
@@ -537,10 +570,17 @@ def _write_pattern(
     }
     (config.out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
+    what = (
+        "DuoAttention gate distillation"
+        if config.method == "gates"
+        else "heads ranked by far attention mass at the answer positions (baseline, no training)"
+    )
+    unit = "steps" if config.method == "gates" else "prompts"
     source = (
-        f"vllm-duo calibrate {record['vllm_duo']['versions']['vllm_duo']}: DuoAttention gate "
-        f"distillation on synthetic multi-passkey prompts ({steps_done} steps, "
-        f"{config.min_len}-{config.max_len} tokens, {config.passkeys} pass keys, "
+        f"vllm-duo calibrate {record['vllm_duo']['versions']['vllm_duo']}: {what} "
+        f"on synthetic multi-passkey prompts ({steps_done} {unit}, "
+        f"{config.min_len}-{config.max_len} tokens {config.length_dist}, {config.passkeys} pass "
+        f"keys in {config.haystack} text, "
         f"sink={config.sink}, recent={config.recent}, lr={config.lr:g}, reg={config.reg:g}, "
         f"seed={config.seed}) on {model_id}"
     )
@@ -594,7 +634,11 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
         max_len=config.max_len,
         num_passkeys=config.passkeys,
         seed=config.seed,
+        haystack=config.haystack,
+        length_dist=config.length_dist,
     )
+    if config.method == "attention-mass":
+        return _attention_mass(config, tokenizer, shape, dataset, progress)
     checkpoint_path = config.out / CHECKPOINT_FILE
     payload = _load_checkpoint(checkpoint_path, config) if config.resume else None
     table = (shape["num_layers"], shape["num_kv_heads"])
@@ -646,8 +690,11 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
         mininterval=1.0,
     )
     began = time.perf_counter()
+    # Step times and lengths since the last checkpoint, for the log (cost grows with length).
+    window: list[tuple[int, float]] = []
     try:
         for step in range(start, config.steps):
+            step_began = time.perf_counter()
             batch = dataset.batch(step, config.batch_size)
             ids = torch.tensor([s.input_ids for s in batch], dtype=torch.long, device=device)
             rows = torch.tensor(
@@ -670,6 +717,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
                 gates.clamp_(0.0, 1.0)
 
             losses.append(float(loss.detach()))
+            window.append((ids.shape[1], time.perf_counter() - step_began))
             distill_value = float(distill.detach())
             done = step + 1
             mean, below = _gate_stats(gates)
@@ -693,14 +741,17 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
                 )
                 logger.info(
                     "step %d/%d loss %.5g (distill %.4g) gate mean %.3f, %.0f%% below 0.5; "
-                    "checkpoint saved",
+                    "checkpoint saved; last %d steps: %s",
                     done,
                     config.steps,
                     losses[-1],
                     distill_value,
                     mean,
                     100 * below,
+                    len(window),
+                    ", ".join(f"{length} tok {seconds:.1f} s" for length, seconds in window),
                 )
+                window.clear()
     finally:
         bar.close()
     trained = config.steps - start
@@ -719,4 +770,30 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
         seconds_per_step=seconds_per_step,
     )
     logger.info("pattern written to %s", config.out)
+    return config.out
+
+
+def _attention_mass(
+    config: CalibrationConfig, tokenizer: Any, shape: dict[str, int], dataset: Any, progress: bool
+) -> Path:
+    """``--method attention-mass``: score heads on ``steps`` prompts and write the pattern."""
+    from vllm_duo.calibration.attention_mass import score_heads
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    with _quiet_transformers():
+        gates = score_heads(config.model, dataset, prompts=config.steps, sink=config.sink,
+                            recent=config.recent, shape=shape, dtype=_torch_dtype(config),
+                            device=config.device, progress=progress)  # fmt: skip
+    _write_pattern(
+        config,
+        gates=gates,
+        shape=shape,
+        tokenizer=tokenizer,
+        uses_chat_template=dataset.uses_chat_template,
+        steps_done=config.steps,
+        losses=[],
+        seconds_per_step=(time.perf_counter() - began) / config.steps,
+    )
+    logger.info("attention-mass pattern written to %s", config.out)
     return config.out
