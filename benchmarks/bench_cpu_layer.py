@@ -147,7 +147,8 @@ def main() -> None:
 
     isa = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
     family = CpuKernels(scale=HEAD_SIZE**-0.5, sink=args.sink, recent=args.recent,
-                        kv_cache_dtype="auto", dtype=torch.bfloat16)  # fmt: skip
+                        kv_cache_dtype="auto", dtype=torch.bfloat16,
+                        head_size=HEAD_SIZE)  # fmt: skip
     if args.torch_path:
         family.native = False
     with open("/proc/cpuinfo", encoding="utf-8") as f:

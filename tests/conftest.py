@@ -94,9 +94,14 @@ def run_engine(
     count_kernel_calls: bool = False,
     prompt_logprobs: bool = True,
     sequential: bool = False,
+    kv_scales: dict[str, list[float]] | None = None,
     **llm_kwargs,
 ):
-    """Run one engine in a subprocess; returns its outputs, or its log if it must fail."""
+    """Run one engine in a subprocess; returns its outputs, or its log if it must fail.
+
+    ``kv_scales``: {"k": [...], "v": [...]} per-layer fp8 KV scales, set after the model
+    loads as vLLM sets checkpoint scales (in-process engine).
+    """
     tag = f"run{len(list(tmp_path.glob('request-*.json')))}"
     request = tmp_path / f"request-{tag}.json"
     result = tmp_path / f"result-{tag}.json"
@@ -112,6 +117,7 @@ def run_engine(
                 "count_kernel_calls": count_kernel_calls,
                 "prompt_logprobs": prompt_logprobs,
                 "sequential": sequential,
+                "kv_scales": kv_scales,
                 "env": {},
             }
         )
@@ -135,23 +141,43 @@ def run_engine(
 
 
 class Reference:
-    """The fp32 transformers model with DuoAttention masks (vllm_duo.reference)."""
+    """The fp32 transformers model with DuoAttention masks (vllm_duo.reference).
 
-    def __init__(self, model_dir: Path, retrieval_mask: np.ndarray, sink: int, recent: int):
+    ``kv_quantisation`` (:class:`vllm_duo.reference.KVQuantisation`): keys and values as an
+    fp8 KV cache holds them.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        retrieval_mask: np.ndarray,
+        sink: int,
+        recent: int,
+        kv_quantisation=None,
+    ):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from vllm_duo.reference import use_reference_pattern
-
-        name = use_reference_pattern(retrieval_mask, sink=sink, recent=recent)
+        self._pattern = {"retrieval_mask": retrieval_mask, "sink": sink, "recent": recent,
+                         "kv_quantisation": kv_quantisation}  # fmt: skip
+        name = self._install()
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, attn_implementation=name, dtype=torch.float32
         )
         self.model.eval()
 
+    def _install(self) -> str:
+        from vllm_duo.reference import use_reference_pattern
+
+        mask = self._pattern["retrieval_mask"]
+        return use_reference_pattern(mask, **{k: v for k, v in self._pattern.items()
+                                              if k != "retrieval_mask"})  # fmt: skip
+
     def logprobs(self, ids: list[int]):
         from vllm_duo.reference import reference_logprobs
 
+        # The pattern is process-global: another Reference may have installed its own.
+        self._install()
         return reference_logprobs(self.model, ids)
 
 

@@ -25,6 +25,8 @@ def main(request_path: str, result_path: str) -> None:
     started = time.perf_counter()
     llm = LLM(model=request["model"], **request["llm_kwargs"])
     startup_s = time.perf_counter() - started
+    if request.get("kv_scales"):
+        _set_kv_scales(llm, request["kv_scales"]["k"], request["kv_scales"]["v"])
     probe = _Probe(llm) if request.get("probe") else None
     params = SamplingParams(
         max_tokens=request["max_tokens"],
@@ -67,6 +69,31 @@ def main(request_path: str, result_path: str) -> None:
         report["kernel_calls"] = counter.forwards
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(report, f)
+
+
+def _set_kv_scales(llm, k_scales: list[float], v_scales: list[float]) -> None:
+    """Per-layer fp8 KV scales, set as vLLM sets scales it loads from a checkpoint.
+
+    (``BaseKVCacheMethod.process_weights_after_loading``: the tensors and their host
+    copies, which every CPU attention call reads.) In-process engine only.
+    """
+
+    def apply(model) -> int:
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        count = 0
+        for module in model.modules():
+            if isinstance(module, Attention):
+                layer = extract_layer_index(module.layer_name)
+                k, v = float(k_scales[layer]), float(v_scales[layer])
+                module._k_scale.fill_(k)
+                module._v_scale.fill_(v)
+                module._k_scale_float, module._v_scale_float = k, v
+                count += 1
+        return count
+
+    assert all(llm.apply_model(apply)), "no attention layer got its KV scales"
 
 
 class _KernelCounter:

@@ -142,6 +142,7 @@ def attach_head_caches(layer: Attention) -> None:
     impl.kernels = make_family(
         choice, current_platform.device_type, scale=impl.scale, sink=plan.settings.sink,
         recent=plan.settings.recent, kv_cache_dtype=impl.kv_cache_dtype, dtype=impl.dtype,
+        head_size=impl.head_size,
     )  # fmt: skip
     logger.info_once(
         "DuoAttention kernels (%s=%s): %s", ENV_KERNELS, choice, impl.kernels.describe()

@@ -1,8 +1,15 @@
 // Sink+window attention and the cache write of DuoAttention streaming heads on CPU.
 //
-// Torch-free: plain pointers and element strides, templated on the storage type and its
+// Torch-free: plain pointers and element strides, templated on the storage types and their
 // conversions to/from float (the launcher in sink_window_cpu.cpp supplies them). The
 // launcher checks every argument; this file assumes they hold.
+//
+// fp8 caches (vLLM's --kv-cache-dtype fp8/fp8_e4m3/fp8_e5m2) hold bytes with one scale per
+// tensor: a byte b stands for fp8(b) * scale. The store quantises exactly as vLLM's CPU
+// backend does for the retrieval heads of the same layer (quantize_fp8 below), and the
+// attention reads the step's own keys/values through the same quantisation, so a streaming
+// head sees the same values whether a key comes from the cache or from the step (results
+// do not depend on how the scheduler cuts chunks).
 //
 // Semantics (DESIGN.md section 3): request r's chunk of n queries sits at the last n
 // positions of its seq_len tokens; the query at position p of a streaming head attends to
@@ -72,6 +79,110 @@ inline float exp_nonpositive(float x) {
   return tiny ? 0.0f : poly * scale;
 }
 
+// ---------------------------------------------------------------------------------------
+// fp8 encodings and vLLM's CPU quantisation rule.
+//
+// vLLM's CPU wheel ships no C++ source; the rule was determined by writing known values with
+// its cpu_attn_reshape_and_cache and reading the bytes back (tests/test_fp8.py checks this
+// code against that op bit for bit, and vllm_duo/kernels/fp8.py::quantize_cpu is the same
+// rule in torch): v = x * (1 / scale) in float32, truncated toward zero to the fp8 grid
+// (subnormals too), |v| beyond the largest finite value saturates to it, NaN becomes +max,
+// and an input of exactly zero (either sign) is stored as +0.
+struct Fp8Spec {
+  int mantissa_bits;
+  int exponent_bias;
+  float max;                  // largest finite magnitude
+  uint8_t max_code;           // its byte (sign bit clear)
+  float subnormal_inv_step;   // 1 / (smallest subnormal): 2^(bias - 1 + mantissa_bits)
+  bool e4m3;                  // e4m3fn: no infinities, only 0x7F/0xFF are NaN
+};
+constexpr Fp8Spec kFp8E4m3{3, 7, 448.0f, 0x7E, 512.0f, true};
+constexpr Fp8Spec kFp8E5m2{2, 15, 57344.0f, 0x7B, 65536.0f, false};
+
+inline uint8_t quantize_fp8(float x, float inverse_scale, const Fp8Spec& f) {
+  const float v = x * inverse_scale;
+  if (v == 0.0f) return 0;
+  if (std::isnan(v)) return f.max_code;
+  const uint8_t sign = std::signbit(v) ? 0x80 : 0;
+  const float a = std::fabs(v);
+  if (a >= f.max) return sign | f.max_code;
+  uint32_t bits;
+  std::memcpy(&bits, &a, sizeof(bits));
+  const int exponent = static_cast<int>(bits >> 23) - 127;
+  if (exponent < 1 - f.exponent_bias) {
+    // An fp8 subnormal: a multiple of the smallest one; the power-of-two scaling is exact
+    // and the conversion to int truncates.
+    return sign | static_cast<uint8_t>(static_cast<int>(a * f.subnormal_inv_step));
+  }
+  const uint32_t mantissa = (bits >> (23 - f.mantissa_bits)) & ((1u << f.mantissa_bits) - 1);
+  return sign | static_cast<uint8_t>(((exponent + f.exponent_bias) << f.mantissa_bits) | mantissa);
+}
+
+// The value of fp8 byte b (before the scale).
+inline float fp8_to_float(uint8_t b, const Fp8Spec& f) {
+  const int m = f.mantissa_bits;
+  const int exponent = (b >> m) & ((1 << (7 - m)) - 1);
+  const int mantissa = b & ((1 << m) - 1);
+  const float sign = (b & 0x80) ? -1.0f : 1.0f;
+  if (f.e4m3 && (b & 0x7F) == 0x7F) return std::numeric_limits<float>::quiet_NaN();
+  if (!f.e4m3 && exponent == 31) {
+    return mantissa == 0 ? sign * std::numeric_limits<float>::infinity()
+                         : std::numeric_limits<float>::quiet_NaN();
+  }
+  if (exponent == 0) return sign * static_cast<float>(mantissa) / f.subnormal_inv_step;
+  return sign * std::ldexp(1.0f + static_cast<float>(mantissa) / static_cast<float>(1 << m),
+                           exponent - f.exponent_bias);
+}
+
+// table[b] = fp8(b) * scale for every byte: dequantising a row is one lookup per element.
+inline void fp8_table(const Fp8Spec& f, float scale, float* table) {
+  for (int b = 0; b < 256; ++b) table[b] = fp8_to_float(static_cast<uint8_t>(b), f) * scale;
+}
+
+// ---------------------------------------------------------------------------------------
+// How the attention reads its inputs as float32 and writes its output. T is the model's
+// element type (query, step keys/values, output); Cache the cache's.
+//
+// Rows of a cache in the model's dtype.
+template <typename T, typename ToFloat, typename FromFloat>
+struct PlainIo {
+  using Cache = T;
+  ToFloat to_float;
+  FromFloat from_float;
+  float query(T x) const { return to_float(x); }
+  T output(float x) const { return from_float(x); }
+  void cache_row(const T* src, float* dst, int64_t n, bool /*key*/) const {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = to_float(src[d]);
+  }
+  void step_row(const T* src, float* dst, int64_t n, bool key) const { cache_row(src, dst, n, key); }
+};
+
+// An fp8 cache: bytes through the scaled tables; the step's keys/values through the same
+// quantisation as the store, so they read back exactly as the cache would hold them.
+template <typename T, typename ToFloat, typename FromFloat>
+struct Fp8Io {
+  using Cache = uint8_t;
+  ToFloat to_float;
+  FromFloat from_float;
+  Fp8Spec spec;
+  const float* key_table;    // [256]
+  const float* value_table;  // [256]
+  float key_inverse_scale, value_inverse_scale;
+  float query(T x) const { return to_float(x); }
+  T output(float x) const { return from_float(x); }
+  void cache_row(const uint8_t* src, float* dst, int64_t n, bool key) const {
+    const float* table = key ? key_table : value_table;
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = table[src[d]];
+  }
+  void step_row(const T* src, float* dst, int64_t n, bool key) const {
+    const float* table = key ? key_table : value_table;
+    const float inverse = key ? key_inverse_scale : value_inverse_scale;
+    for (int64_t d = 0; d < n; ++d) dst[d] = table[quantize_fp8(to_float(src[d]), inverse, spec)];
+  }
+};
+
 // One unit of work: queries [first_token, first_token + num_queries) of request `req`.
 struct QueryTile {
   int64_t req, first_token, num_queries;
@@ -87,27 +198,22 @@ inline std::vector<QueryTile> query_tiles(const SinkWindowArgs& a) {
   return tiles;
 }
 
-template <typename T, typename ToFloat>
-inline void to_float_row(const T* src, float* dst, int64_t n, ToFloat to_float) {
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) dst[d] = to_float(src[d]);
-}
-
 // Attention of work items [begin, end) of `tiles` x run heads (item = tile * run_heads +
 // run head). Returns false if a block id read from the table is out of range (its key is
 // skipped and the caller reports the error).
-template <typename T, typename ToFloat, typename FromFloat>
+template <typename T, typename Io>
 bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& tiles,
-                       int64_t begin, int64_t end, ToFloat to_float, FromFloat from_float) {
+                       int64_t begin, int64_t end, const Io& io) {
+  using C = typename Io::Cache;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t G = a.group, D = a.head_size, rows_max = kQueryTile * G;
   std::vector<float> q(rows_max * D), acc(rows_max * D), scores(rows_max * kKeyChunk);
-  std::vector<float> keys_t(D * kKeyChunk), value_rows(kKeyChunk * D);
+  std::vector<float> keys_t(D * kKeyChunk), value_rows(kKeyChunk * D), key_row(D);
   std::vector<float> running_max(rows_max), running_sum(rows_max);
   std::vector<char> present(kKeyChunk);
   const T* query = static_cast<const T*>(a.query);
-  const T* keys = static_cast<const T*>(a.key_cache);
-  const T* values = static_cast<const T*>(a.value_cache);
+  const C* keys = static_cast<const C*>(a.key_cache);
+  const C* values = static_cast<const C*>(a.value_cache);
   const T* new_keys = static_cast<const T*>(a.new_keys);
   const T* new_values = static_cast<const T*>(a.new_values);
   T* out = static_cast<T*>(a.out);
@@ -129,22 +235,32 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
             query + (tile.first_token + i) * a.q_token + head * a.q_head + g * a.q_group;
         float* dst = q.data() + (i * G + g) * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]) * a.scale;
+        for (int64_t d = 0; d < D; ++d) dst[d] = io.query(src[d]) * a.scale;
       }
     }
     std::fill(acc.begin(), acc.begin() + rows * D, 0.0f);
     std::fill(running_max.begin(), running_max.begin() + rows, kNegInf);
     std::fill(running_sum.begin(), running_sum.begin() + rows, 0.0f);
 
-    // Row j of the cache (or, for the chunk's own positions, of the step's K/V); nullptr
-    // when its block id is out of range.
-    auto locate = [&](int64_t j, const T* cache, int64_t s_block, int64_t s_slot,
-                      int64_t s_head, const T* step, int64_t s_token,
-                      int64_t s_step_head) -> const T* {
-      if (j >= first) return step + (chunk_start + j - first) * s_token + head * s_step_head;
+    // Row j of the cache (or, for the chunk's own positions, of the step's K/V) as floats
+    // in `dst`; false when its block id is out of range.
+    auto load = [&](int64_t j, bool key, float* dst) -> bool {
+      if (j >= first) {
+        const T* step = key ? new_keys : new_values;
+        const int64_t s_token = key ? a.nk_token : a.nv_token;
+        const int64_t s_head = key ? a.nk_head : a.nv_head;
+        io.step_row(step + (chunk_start + j - first) * s_token + head * s_head, dst, D, key);
+        return true;
+      }
       const int64_t block = a.block_table[tile.req * a.bt_row + j / a.block_size];
-      if (block < 0 || block >= a.num_blocks) return nullptr;
-      return cache + block * s_block + (j % a.block_size) * s_slot + run_head * s_head;
+      if (block < 0 || block >= a.num_blocks) return false;
+      const C* cache = key ? keys : values;
+      const int64_t s_block = key ? a.k_block : a.v_block;
+      const int64_t s_slot = key ? a.k_slot : a.v_slot;
+      const int64_t s_head = key ? a.k_head : a.v_head;
+      io.cache_row(cache + block * s_block + (j % a.block_size) * s_slot + run_head * s_head,
+                   dst, D, key);
+      return true;
     };
 
     // Keys any query of the tile sees: the sinks, then the union of the tile's windows.
@@ -157,13 +273,10 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
         // Keys of the chunk transposed, [D][kKeyChunk], zero past `count`: the score
         // loop then runs over keys, contiguous, with no horizontal sums.
         for (int64_t c = 0; c < kKeyChunk; ++c) {
-          const T* k = c < count ? locate(j0 + c, keys, a.k_block, a.k_slot, a.k_head,
-                                          new_keys, a.nk_token, a.nk_head)
-                                 : nullptr;
-          present[c] = k != nullptr;
-          if (c < count && k == nullptr) ok = false;
+          present[c] = c < count && load(j0 + c, true, key_row.data());
+          if (c < count && !present[c]) ok = false;
           for (int64_t d = 0; d < D; ++d)
-            keys_t[d * kKeyChunk + c] = k != nullptr ? to_float(k[d]) : 0.0f;
+            keys_t[d * kKeyChunk + c] = present[c] ? key_row[d] : 0.0f;
         }
         for (int64_t row = 0; row < rows; ++row) {
           const float* qrow = q.data() + row * D;
@@ -207,15 +320,8 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
           }
         }
         for (int64_t c = 0; c < count; ++c) {
-          const T* v = present[c] ? locate(j0 + c, values, a.v_block, a.v_slot, a.v_head,
-                                           new_values, a.nv_token, a.nv_head)
-                                  : nullptr;
           float* vrow = value_rows.data() + c * D;
-          if (v == nullptr) {
-            std::fill(vrow, vrow + D, 0.0f);
-            continue;
-          }
-          to_float_row(v, vrow, D, to_float);
+          if (!present[c] || !load(j0 + c, false, vrow)) std::fill(vrow, vrow + D, 0.0f);
         }
         // acc += P V, in 16-wide column blocks that stay in a register over the keys.
         constexpr int64_t kCols = 16;
@@ -244,7 +350,7 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
         const float inv = running_sum[row] > 0.0f ? 1.0f / running_sum[row] : 0.0f;
         const float* acc_row = acc.data() + row * D;
         T* dst = out + (tile.first_token + i) * a.o_token + head * a.o_head + g * a.o_group;
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float(acc_row[d] * inv);
+        for (int64_t d = 0; d < D; ++d) dst[d] = io.output(acc_row[d] * inv);
       }
     }
   }
@@ -266,14 +372,17 @@ struct StoreArgs {
   int64_t num_tokens, run_heads, head_size, block_size, num_blocks, min_slot;
 };
 
-// Stores tokens [begin, end); returns false if a slot lies past the cache (not stored).
-inline bool store_rows(const StoreArgs& a, int64_t element_size, int64_t begin, int64_t end) {
+// Stores tokens [begin, end) through `put(dst_key_row, dst_value_row, src_key_row,
+// src_value_row)`, which copies or quantises one head's row pair; returns false if a slot
+// lies past the cache (not stored).
+template <typename Put>
+bool store_rows(const StoreArgs& a, int64_t source_size, int64_t cache_size, int64_t begin,
+                int64_t end, Put put) {
   bool ok = true;
   const auto* nk = static_cast<const char*>(a.new_keys);
   const auto* nv = static_cast<const char*>(a.new_values);
   auto* kc = static_cast<char*>(a.key_cache);
   auto* vc = static_cast<char*>(a.value_cache);
-  const int64_t bytes = a.head_size * element_size;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t slot = a.slots[t];
     if (slot < a.min_slot) continue;
@@ -284,13 +393,41 @@ inline bool store_rows(const StoreArgs& a, int64_t element_size, int64_t begin, 
     }
     for (int64_t i = 0; i < a.run_heads; ++i) {
       const int64_t head = a.heads[i];
-      std::memcpy(kc + (block * a.k_block + offset * a.k_slot + i * a.k_head) * element_size,
-                  nk + (t * a.nk_token + head * a.nk_head) * element_size, bytes);
-      std::memcpy(vc + (block * a.v_block + offset * a.v_slot + i * a.v_head) * element_size,
-                  nv + (t * a.nv_token + head * a.nv_head) * element_size, bytes);
+      put(kc + (block * a.k_block + offset * a.k_slot + i * a.k_head) * cache_size,
+          vc + (block * a.v_block + offset * a.v_slot + i * a.v_head) * cache_size,
+          nk + (t * a.nk_token + head * a.nk_head) * source_size,
+          nv + (t * a.nv_token + head * a.nv_head) * source_size);
     }
   }
   return ok;
+}
+
+// Rows in the cache's own dtype: a copy.
+inline bool store_rows(const StoreArgs& a, int64_t element_size, int64_t begin, int64_t end) {
+  const int64_t bytes = a.head_size * element_size;
+  return store_rows(a, element_size, element_size, begin, end,
+                    [bytes](char* k, char* v, const char* sk, const char* sv) {
+                      std::memcpy(k, sk, bytes);
+                      std::memcpy(v, sv, bytes);
+                    });
+}
+
+// Rows of T into an fp8 cache, quantised as vLLM's CPU backend does.
+template <typename T, typename ToFloat>
+bool store_rows_fp8(const StoreArgs& a, const Fp8Spec& spec, float key_inverse_scale,
+                    float value_inverse_scale, int64_t begin, int64_t end, ToFloat to_float) {
+  const int64_t n = a.head_size;
+  return store_rows(a, sizeof(T), 1, begin, end,
+                    [&](char* k, char* v, const char* sk, const char* sv) {
+                      auto* kd = reinterpret_cast<uint8_t*>(k);
+                      auto* vd = reinterpret_cast<uint8_t*>(v);
+                      const T* ks = reinterpret_cast<const T*>(sk);
+                      const T* vs = reinterpret_cast<const T*>(sv);
+                      for (int64_t d = 0; d < n; ++d) {
+                        kd[d] = quantize_fp8(to_float(ks[d]), key_inverse_scale, spec);
+                        vd[d] = quantize_fp8(to_float(vs[d]), value_inverse_scale, spec);
+                      }
+                    });
 }
 
 }  // namespace duo_cpu

@@ -31,6 +31,7 @@ def make_family(
     recent: int,
     kv_cache_dtype: str,
     dtype: torch.dtype,
+    head_size: int,
 ) -> KernelFamily:
     """The kernel family for this process; raises DuoConfigError with the reason if none fits."""
     if family_name(choice, device_type) == "cpu":
@@ -38,7 +39,7 @@ def make_family(
 
         return CpuKernels(
             scale=scale, sink=sink, recent=recent, kv_cache_dtype=kv_cache_dtype, dtype=dtype,
-            require_native=choice == "native",
+            head_size=head_size, require_native=choice == "native",
         )  # fmt: skip
     from vllm_duo.families.gpu import GpuKernels
 
