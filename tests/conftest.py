@@ -95,12 +95,17 @@ def run_engine(
     prompt_logprobs: bool = True,
     sequential: bool = False,
     kv_scales: dict[str, list[float]] | None = None,
+    capture_attention: bool = False,
+    max_concurrency: list[int] | None = None,
     **llm_kwargs,
 ):
     """Run one engine in a subprocess; returns its outputs, or its log if it must fail.
 
     ``kv_scales``: {"k": [...], "v": [...]} per-layer fp8 KV scales, set after the model
-    loads as vLLM sets checkpoint scales (in-process engine).
+    loads as vLLM sets checkpoint scales (in-process engine). ``capture_attention``: the
+    result's "attention" holds every DUO layer forward of the generate calls (query, key,
+    value, output, offsets, scales; see engine_runner._AttentionCapture). ``max_concurrency``:
+    token counts for which the result's "max_concurrency" holds vLLM's figure.
     """
     tag = f"run{len(list(tmp_path.glob('request-*.json')))}"
     request = tmp_path / f"request-{tag}.json"
@@ -118,6 +123,8 @@ def run_engine(
                 "prompt_logprobs": prompt_logprobs,
                 "sequential": sequential,
                 "kv_scales": kv_scales,
+                "capture_attention": capture_attention,
+                "max_concurrency": max_concurrency,
                 "env": {},
             }
         )
@@ -137,6 +144,10 @@ def run_engine(
     assert proc.returncode == 0, f"engine failed (rc={proc.returncode}):\n{log[-6000:]}"
     data = json.loads(result.read_text())
     data["log"] = log
+    if capture_attention:
+        import torch
+
+        data["attention"] = torch.load(str(result) + ".attention.pt")
     return data
 
 

@@ -22,6 +22,7 @@ def main(request_path: str, result_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     counter = _KernelCounter() if request.get("count_kernel_calls") else None
+    capture = _AttentionCapture() if request.get("capture_attention") else None
     started = time.perf_counter()
     llm = LLM(model=request["model"], **request["llm_kwargs"])
     startup_s = time.perf_counter() - started
@@ -43,6 +44,8 @@ def main(request_path: str, result_path: str) -> None:
     all_ids = (request.get("sequential") and [[i] for i in request["prompts"]]) or [
         request["prompts"]
     ]
+    if capture is not None:
+        capture.active = True  # not the start-up's dummy runs
     for batch, batch_ids in zip(batches, all_ids):
         outputs = llm.generate(batch, params, use_tqdm=False)
         for ids, out in zip(batch_ids, outputs):
@@ -65,10 +68,37 @@ def main(request_path: str, result_path: str) -> None:
     report = {"startup_s": startup_s, "outputs": results}
     if probe is not None:
         report.update(probe.report())
+    if request.get("max_concurrency"):
+        report["max_concurrency"] = {
+            str(n): _max_concurrency(llm, n) for n in request["max_concurrency"]
+        }
     if counter is not None:
         report["kernel_calls"] = counter.forwards
+    if capture is not None:
+        import torch
+
+        torch.save(capture.calls, result_path + ".attention.pt")
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(report, f)
+
+
+def _max_concurrency(llm, tokens: int) -> float:
+    """vLLM's 'Maximum concurrency' figure for requests of ``tokens`` tokens.
+
+    The function vLLM logs it with, on this engine's KV cache config with max_model_len
+    replaced (the pool does not depend on it), so one engine answers for several lengths.
+    """
+    import copy
+
+    from vllm_duo._vllm import get_max_concurrency_for_kv_cache_config
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    config = copy.copy(engine.vllm_config)
+    model_config = copy.copy(config.model_config)
+    model_config.max_model_len = tokens
+    object.__setattr__(config, "model_config", model_config)
+    return float(get_max_concurrency_for_kv_cache_config(config, scheduler.kv_cache_config))
 
 
 def _set_kv_scales(llm, k_scales: list[float], v_scales: list[float]) -> None:
@@ -94,6 +124,41 @@ def _set_kv_scales(llm, k_scales: list[float], v_scales: list[float]) -> None:
         return count
 
     assert all(llm.apply_model(apply)), "no attention layer got its KV scales"
+
+
+class _AttentionCapture:
+    """Records every DUO layer forward while active (in-process engine): the layer, the
+    step's query/key/value as vLLM computed them, the output DUO wrote, the step's query
+    offsets and sequence lengths, and the layer's KV scales."""
+
+    def __init__(self) -> None:
+        from vllm_duo import backend
+
+        self.active = False
+        self.calls: list[dict] = []
+        forward = backend.DuoAttentionImpl.forward
+        capture = self
+
+        def recorded(impl, layer, query, key, value, kv_cache, attn_metadata, output, *a, **k):
+            result = forward(impl, layer, query, key, value, kv_cache, attn_metadata, output,
+                             *a, **k)  # fmt: skip
+            if capture.active and attn_metadata is not None:
+                n = attn_metadata.num_actual_tokens
+                capture.calls.append({
+                    "layer": layer.layer_name,
+                    "query_start_loc": list(attn_metadata.query_start_loc_host),
+                    "seq_lens": attn_metadata.seq_lens[: attn_metadata.num_reqs].tolist(),
+                    "query": query[:n].detach().clone(),
+                    "key": key[:n].detach().clone(),
+                    "value": value[:n].detach().clone(),
+                    "output": output[:n].detach().clone(),
+                    "k_scale": layer._k_scale_float,
+                    "v_scale": layer._v_scale_float,
+                    "scale": impl.scale,
+                })  # fmt: skip
+            return result
+
+        backend.DuoAttentionImpl.forward = recorded
 
 
 class _KernelCounter:

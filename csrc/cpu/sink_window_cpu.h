@@ -85,9 +85,11 @@ inline float exp_nonpositive(float x) {
 // vLLM's CPU wheel ships no C++ source; the rule was determined by writing known values with
 // its cpu_attn_reshape_and_cache and reading the bytes back (tests/test_fp8.py checks this
 // code against that op bit for bit, and vllm_duo/kernels/fp8.py::quantize_cpu is the same
-// rule in torch): v = x * (1 / scale) in float32, truncated toward zero to the fp8 grid
-// (subnormals too), |v| beyond the largest finite value saturates to it, NaN becomes +max,
-// and an input of exactly zero (either sign) is stored as +0.
+// rule in torch): v = x * (1 / scale) in float32, truncated toward zero to the fp8 grid,
+// |v| beyond the largest finite value saturates to it, NaN becomes +max, and an input of
+// exactly zero (either sign) is stored as +0. Subnormals: e5m2 truncates them too; e4m3
+// truncates |v| + 2^-6 after rounding that sum to float32 (so a value within float32
+// rounding below a subnormal grid point goes up to it).
 struct Fp8Spec {
   int mantissa_bits;
   int exponent_bias;
@@ -110,8 +112,17 @@ inline uint8_t quantize_fp8(float x, float inverse_scale, const Fp8Spec& f) {
   std::memcpy(&bits, &a, sizeof(bits));
   const int exponent = static_cast<int>(bits >> 23) - 127;
   if (exponent < 1 - f.exponent_bias) {
-    // An fp8 subnormal: a multiple of the smallest one; the power-of-two scaling is exact
-    // and the conversion to int truncates.
+    if (f.e4m3) {
+      // |v| + 2^-6 lies in [2^-6, 2^-5]: its top 3 mantissa bits are the subnormal's; a
+      // sum rounded up to 2^-5 is the smallest normal (byte 0x08).
+      const float shifted = a + 0.015625f;
+      uint32_t shifted_bits;
+      std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+      if ((shifted_bits >> 23) != 127 - 6) return sign | 0x08;
+      return sign | static_cast<uint8_t>((shifted_bits >> 20) & 0x7);
+    }
+    // A multiple of the smallest subnormal: the power-of-two scaling is exact and the
+    // conversion to int truncates.
     return sign | static_cast<uint8_t>(static_cast<int>(a * f.subnormal_inv_step));
   }
   const uint32_t mantissa = (bits >> (23 - f.mantissa_bits)) & ((1u << f.mantissa_bits) - 1);

