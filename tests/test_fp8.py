@@ -323,3 +323,15 @@ def test_backend_declares_fp8_per_platform(monkeypatch):
     monkeypatch.setattr(backend, "_device_type", lambda: "cuda")
     assert backend.DuoAttentionBackend.supports_kv_cache_dtype("fp8")
     assert not backend.DuoAttentionBackend.supports_kv_cache_dtype("fp8_e5m2")
+
+
+def test_gpu_family_refuses_e5m2_naming_the_fix():
+    from vllm_duo.families.gpu import GpuKernels
+    from vllm_duo.kernels import triton_sink_window
+
+    if not triton_sink_window.is_available():
+        pytest.skip(f"Triton: {triton_sink_window.load_error()}")
+    with pytest.raises(DuoConfigError, match=r"--kv-cache-dtype fp8_e5m2 .*GPU kernel family "
+                       r"reads fp8 e4m3 caches only; use --kv-cache-dtype fp8"):  # fmt: skip
+        GpuKernels(choice="triton", device_type="cpu", scale=1.0, sink=4, recent=16,
+                   kv_cache_dtype="fp8_e5m2")  # fmt: skip

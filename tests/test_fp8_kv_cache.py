@@ -102,34 +102,48 @@ def _layer_errors(calls: list[dict], retrieval: np.ndarray, quantisation) -> dic
 
 
 @pytest.mark.parametrize(
-    ("kv_cache_dtype", "fmt", "scales"),
-    [("fp8", E4M3, (K_SCALES, V_SCALES)), ("fp8_e5m2", E5M2, None)],
-    ids=["e4m3-checkpoint-scales", "e5m2-default-scales"],
+    ("kv_cache_dtype", "fmt", "scales", "family"),
+    [
+        ("fp8", E4M3, (K_SCALES, V_SCALES), "cpu"),
+        ("fp8_e5m2", E5M2, None, "cpu"),
+        ("fp8", E4M3, (K_SCALES, V_SCALES), "gpu"),
+    ],
+    ids=["e4m3-checkpoint-scales", "e5m2-default-scales", "gpu-family-interpreted-e4m3"],
 )
 def test_every_layer_matches_the_quantising_reference(
-    tmp_path, tiny_gqa, pattern, kv_cache_dtype, fmt, scales
+    tmp_path, tiny_gqa, pattern, kv_cache_dtype, fmt, scales, family
 ):
-    """Prompts shorter than S + W and longer, chunked prefill (64-token chunks) and decode."""
+    """Prompts shorter than S + W and longer, chunked prefill (64-token chunks) and decode.
+
+    The GPU family (Triton kernels under Triton's interpreter here) quantises as vLLM's CUDA
+    kernels do, rounding to nearest; the CPU family as vLLM's CPU backend, truncating.
+    """
     retrieval = select_retrieval(load_gates(pattern), sparsity=0.5)
-    prompts = _prompts([3, 150, 301], seed=60)
+    env = _env(pattern)
+    lengths = [3, 150, 301]
+    if family == "gpu":
+        env.update(VLLM_DUO_KERNELS="triton", TRITON_INTERPRET="1")
+        lengths = [3, 90]  # the interpreter is slow
+    prompts = _prompts(lengths, seed=60)
     run = run_engine(
-        tmp_path, tiny_gqa, prompts, env=_env(pattern), kv_cache_dtype=kv_cache_dtype,
+        tmp_path, tiny_gqa, prompts, env=env, kv_cache_dtype=kv_cache_dtype,
         kv_scales=scales and {"k": scales[0], "v": scales[1]}, capture_attention=True,
         sequential=True, max_num_batched_tokens=64, max_tokens=8, prompt_logprobs=False,
     )  # fmt: skip
     k_scales, v_scales = scales or ([1.0] * len(GATES), [1.0] * len(GATES))
     calls = run["attention"]
     assert len(calls) > 4 * len(GATES), "too few layer forwards captured"
-    exact = _layer_errors(calls, retrieval, KVQuantisation(fmt, k_scales, v_scales))
-    # The test fails for a cache that does not quantise, or rounds to nearest (vLLM's CUDA
-    # rule) instead of truncating like vLLM's CPU backend.
+    rule, other = ("cuda", "cpu") if family == "gpu" else ("cpu", "cuda")
+    exact = _layer_errors(calls, retrieval, KVQuantisation(fmt, k_scales, v_scales, rule))
+    # The test fails for a cache that does not quantise, or quantises by the other
+    # platform's rule (round to nearest instead of truncation, or the reverse).
     unquantised = _layer_errors(calls, retrieval, None)
-    rounded = _layer_errors(calls, retrieval, KVQuantisation(fmt, k_scales, v_scales, "cuda"))
-    print(f"{kv_cache_dtype}: max |out - ref| {exact}; unquantised ref {unquantised}; "
-          f"round-to-nearest ref {rounded}")  # fmt: skip
+    wrong = _layer_errors(calls, retrieval, KVQuantisation(fmt, k_scales, v_scales, other))
+    print(f"{kv_cache_dtype} ({family} family): max |out - ref| {exact}; unquantised ref "
+          f"{unquantised}; {other}-rule ref {wrong}")  # fmt: skip
     for kind in ("retrieval", "streaming"):
         assert exact[kind] < 2e-5, (kind, exact)
-        assert unquantised[kind] > 1e-3 and rounded[kind] > 1e-3, (kind, unquantised, rounded)
+        assert unquantised[kind] > 1e-3 and wrong[kind] > 1e-3, (kind, unquantised, wrong)
     assert "DuoAttention kernels" in run["log"]
 
 

@@ -22,6 +22,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <vector>
 
 #include "sink_window_cpu.h"
 
@@ -187,29 +188,47 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& key_cache,
   std::atomic<bool> ok{true};
   const std::vector<duo_cpu::QueryTile> tiles = duo_cpu::query_tiles(a);
   const int64_t items = static_cast<int64_t>(tiles.size()) * run_heads;
-  // Scaled dequantisation tables, and the reciprocals the store multiplies by (vLLM's CPU
-  // backend rounds 1 / scale to float32 first).
-  float key_table[256], value_table[256];
   const float k_scale_f = static_cast<float>(k_scale), v_scale_f = static_cast<float>(v_scale);
-  if (fp8 != nullptr) {
-    duo_cpu::fp8_table(*fp8, k_scale_f, key_table);
-    duo_cpu::fp8_table(*fp8, v_scale_f, value_table);
-  }
   dispatch_float(op, query.scalar_type(), [&](auto tag, auto to_float, auto from_float) {
     using T = decltype(tag);
     using ToFloat = decltype(to_float);
     using FromFloat = decltype(from_float);
-    auto run = [&](const auto& io) {
+    if (fp8 == nullptr) {
+      const duo_cpu::PlainIo<T, ToFloat, FromFloat> io{to_float, from_float};
       at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
         if (!duo_cpu::sink_window_tiles<T>(a, tiles, begin, end, io)) ok = false;
       });
+      return;
+    }
+    // The step's keys/values of the run heads, quantised once here rather than at every
+    // read (a prefill chunk's keys are read by every tile whose window covers them).
+    const int64_t step_tokens = a.num_tokens;
+    std::vector<uint8_t> step(2 * step_tokens * run_heads * head_size);
+    uint8_t* step_keys = step.data();
+    uint8_t* step_values = step_keys + step_tokens * run_heads * head_size;
+    // The reciprocals the store multiplies by (vLLM's CPU backend rounds 1 / scale to
+    // float32 first).
+    const float k_inverse = 1.0f / k_scale_f, v_inverse = 1.0f / v_scale_f;
+    at::parallel_for(0, step_tokens, 16, [&](int64_t begin, int64_t end) {
+      duo_cpu::quantize_step<T>(a, *fp8, k_inverse, v_inverse, step_keys, step_values, begin,
+                                end, to_float);
+    });
+    duo_cpu::SinkWindowArgs quantised = a;
+    quantised.new_keys = step_keys, quantised.new_values = step_values;
+    quantised.nk_token = quantised.nv_token = run_heads * head_size;
+    quantised.nk_head = quantised.nv_head = head_size;
+    quantised.step_by_run_head = true;
+    auto attend = [&](const auto& io) {
+      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+        if (!duo_cpu::sink_window_tiles<T>(quantised, tiles, begin, end, io)) ok = false;
+      });
     };
-    if (fp8 == nullptr) {
-      run(duo_cpu::PlainIo<T, ToFloat, FromFloat>{to_float, from_float});
+    if (fp8->e4m3) {
+      attend(duo_cpu::Fp8Io<T, ToFloat, FromFloat, true>{to_float, from_float, k_scale_f,
+                                                          v_scale_f});
     } else {
-      run(duo_cpu::Fp8Io<T, ToFloat, FromFloat>{to_float, from_float, *fp8, key_table,
-                                                 value_table, 1.0f / k_scale_f,
-                                                 1.0f / v_scale_f});
+      attend(duo_cpu::Fp8Io<T, ToFloat, FromFloat, false>{to_float, from_float, k_scale_f,
+                                                           v_scale_f});
     }
   });
   TORCH_CHECK(ok.load(), op, ": a block table entry of a visible position is outside the cache "

@@ -40,6 +40,7 @@ struct SinkWindowArgs {
   int64_t nk_token, nk_head;
   const void* new_values;
   int64_t nv_token, nv_head;
+  bool step_by_run_head;  // new_keys/new_values are [num_tokens, run_heads, head_size]
   const int64_t* heads;  // [run_heads]: run head i is the layer's KV head heads[i]
   const int32_t* block_table;  // [num_reqs, max_blocks]
   int64_t bt_row, max_blocks, num_blocks;
@@ -129,25 +130,23 @@ inline uint8_t quantize_fp8(float x, float inverse_scale, const Fp8Spec& f) {
   return sign | static_cast<uint8_t>(((exponent + f.exponent_bias) << f.mantissa_bits) | mantissa);
 }
 
-// The value of fp8 byte b (before the scale).
-inline float fp8_to_float(uint8_t b, const Fp8Spec& f) {
-  const int m = f.mantissa_bits;
-  const int exponent = (b >> m) & ((1 << (7 - m)) - 1);
-  const int mantissa = b & ((1 << m) - 1);
-  const float sign = (b & 0x80) ? -1.0f : 1.0f;
-  if (f.e4m3 && (b & 0x7F) == 0x7F) return std::numeric_limits<float>::quiet_NaN();
-  if (!f.e4m3 && exponent == 31) {
-    return mantissa == 0 ? sign * std::numeric_limits<float>::infinity()
-                         : std::numeric_limits<float>::quiet_NaN();
-  }
-  if (exponent == 0) return sign * static_cast<float>(mantissa) / f.subnormal_inv_step;
-  return sign * std::ldexp(1.0f + static_cast<float>(mantissa) / static_cast<float>(1 << m),
-                           exponent - f.exponent_bias);
-}
-
-// table[b] = fp8(b) * scale for every byte: dequantising a row is one lookup per element.
-inline void fp8_table(const Fp8Spec& f, float scale, float* table) {
-  for (int b = 0; b < 256; ++b) table[b] = fp8_to_float(static_cast<uint8_t>(b), f) * scale;
+// The value of fp8 byte b (before the scale), branch-free so that row loops vectorise: the
+// byte's exponent and mantissa move into float32's fields; a subnormal (exponent 0) is read
+// as the normal of exponent 1 minus that binade's base, which is exact. The NaN and
+// infinity bytes, which the store never writes (it saturates), read as finite values.
+template <int kMantissaBits, int kExponentBias>
+inline float fp8_value(uint8_t b) {
+  constexpr uint32_t kExponentMask = (1u << (7 - kMantissaBits)) - 1;
+  const uint32_t exponent = (static_cast<uint32_t>(b) >> kMantissaBits) & kExponentMask;
+  const uint32_t mantissa = b & ((1u << kMantissaBits) - 1);
+  const uint32_t field = exponent == 0 ? 1u : exponent;
+  const uint32_t bits = ((field + 127 - kExponentBias) << 23) | (mantissa << (23 - kMantissaBits));
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  // 2^(1 - bias), the smallest normal: what exponent field 1 adds that a subnormal lacks.
+  constexpr float kSmallestNormal = 1.0f / static_cast<float>(1u << (kExponentBias - 1));
+  value -= exponent == 0 ? kSmallestNormal : 0.0f;
+  return (b & 0x80) ? -value : value;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -158,6 +157,7 @@ inline void fp8_table(const Fp8Spec& f, float scale, float* table) {
 template <typename T, typename ToFloat, typename FromFloat>
 struct PlainIo {
   using Cache = T;
+  using Step = T;
   ToFloat to_float;
   FromFloat from_float;
   float query(T x) const { return to_float(x); }
@@ -169,30 +169,53 @@ struct PlainIo {
   void step_row(const T* src, float* dst, int64_t n, bool key) const { cache_row(src, dst, n, key); }
 };
 
-// An fp8 cache: bytes through the scaled tables; the step's keys/values through the same
-// quantisation as the store, so they read back exactly as the cache would hold them.
-template <typename T, typename ToFloat, typename FromFloat>
+// An fp8 cache: a byte b reads as fp8(b) * scale (one float32 rounding, as dequantising in
+// float32 gives). The step's keys/values are read as the same bytes: the launcher quantises
+// them once per call (quantize_step), as the store does, so they read back exactly as the
+// cache would hold them.
+template <typename T, typename ToFloat, typename FromFloat, bool kE4m3>
 struct Fp8Io {
   using Cache = uint8_t;
+  using Step = uint8_t;
   ToFloat to_float;
   FromFloat from_float;
-  Fp8Spec spec;
-  const float* key_table;    // [256]
-  const float* value_table;  // [256]
-  float key_inverse_scale, value_inverse_scale;
+  float key_scale, value_scale;
   float query(T x) const { return to_float(x); }
   T output(float x) const { return from_float(x); }
   void cache_row(const uint8_t* src, float* dst, int64_t n, bool key) const {
-    const float* table = key ? key_table : value_table;
+    const float scale = key ? key_scale : value_scale;
 #pragma omp simd
-    for (int64_t d = 0; d < n; ++d) dst[d] = table[src[d]];
+    for (int64_t d = 0; d < n; ++d) {
+      dst[d] = (kE4m3 ? fp8_value<3, 7>(src[d]) : fp8_value<2, 15>(src[d])) * scale;
+    }
   }
-  void step_row(const T* src, float* dst, int64_t n, bool key) const {
-    const float* table = key ? key_table : value_table;
-    const float inverse = key ? key_inverse_scale : value_inverse_scale;
-    for (int64_t d = 0; d < n; ++d) dst[d] = table[quantize_fp8(to_float(src[d]), inverse, spec)];
+  void step_row(const uint8_t* src, float* dst, int64_t n, bool key) const {
+    cache_row(src, dst, n, key);
   }
 };
+
+// Tokens [begin, end) of the run heads' step keys/values (rows of T, layer head heads[i])
+// into fp8 bytes [num_tokens, run_heads, head_size], quantised as the store quantises.
+template <typename T, typename ToFloat>
+void quantize_step(const SinkWindowArgs& a, const Fp8Spec& spec, float key_inverse_scale,
+                   float value_inverse_scale, uint8_t* keys, uint8_t* values, int64_t begin,
+                   int64_t end, ToFloat to_float) {
+  const T* nk = static_cast<const T*>(a.new_keys);
+  const T* nv = static_cast<const T*>(a.new_values);
+  const int64_t D = a.head_size;
+  for (int64_t t = begin; t < end; ++t) {
+    for (int64_t i = 0; i < a.run_heads; ++i) {
+      const T* k = nk + t * a.nk_token + a.heads[i] * a.nk_head;
+      const T* v = nv + t * a.nv_token + a.heads[i] * a.nv_head;
+      uint8_t* kd = keys + (t * a.run_heads + i) * D;
+      uint8_t* vd = values + (t * a.run_heads + i) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        kd[d] = quantize_fp8(to_float(k[d]), key_inverse_scale, spec);
+        vd[d] = quantize_fp8(to_float(v[d]), value_inverse_scale, spec);
+      }
+    }
+  }
+}
 
 // One unit of work: queries [first_token, first_token + num_queries) of request `req`.
 struct QueryTile {
@@ -225,8 +248,9 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
   const T* query = static_cast<const T*>(a.query);
   const C* keys = static_cast<const C*>(a.key_cache);
   const C* values = static_cast<const C*>(a.value_cache);
-  const T* new_keys = static_cast<const T*>(a.new_keys);
-  const T* new_values = static_cast<const T*>(a.new_values);
+  using S = typename Io::Step;
+  const S* new_keys = static_cast<const S*>(a.new_keys);
+  const S* new_values = static_cast<const S*>(a.new_values);
   T* out = static_cast<T*>(a.out);
   bool ok = true;
 
@@ -257,10 +281,12 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
     // in `dst`; false when its block id is out of range.
     auto load = [&](int64_t j, bool key, float* dst) -> bool {
       if (j >= first) {
-        const T* step = key ? new_keys : new_values;
+        const S* step = key ? new_keys : new_values;
         const int64_t s_token = key ? a.nk_token : a.nv_token;
         const int64_t s_head = key ? a.nk_head : a.nv_head;
-        io.step_row(step + (chunk_start + j - first) * s_token + head * s_head, dst, D, key);
+        const int64_t step_head = a.step_by_run_head ? run_head : head;
+        io.step_row(step + (chunk_start + j - first) * s_token + step_head * s_head, dst, D,
+                    key);
         return true;
       }
       const int64_t block = a.block_table[tile.req * a.bt_row + j / a.block_size];
