@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_cpu_layer.py [--contexts 4096,8192,32768]
         [--phase decode|prefill|both] [--retrieval 4] [--threads N] [--repeats 20]
+        [--kv-cache-dtype auto|fp8|fp8_e4m3|fp8_e5m2]
 
 What one layer's attention costs per step, without the rest of the model or the engine:
 stock = vLLM's ``cpu_attn_reshape_and_cache`` + ``cpu_attention_with_kv_cache`` over all KV
@@ -10,6 +11,7 @@ heads through vLLM's kernel on a strided view, streaming heads through the C++ o
 torch path). Llama-3-8B attention shape (32 query / 8 KV heads, head size 128), bf16, one
 request. Each timing is the minimum over ``--repeats`` runs, so a busy machine inflates it
 less than a mean would. ``vllm-duo bench`` measures whole engines; this isolates the layer.
+``--kv-cache-dtype`` gives both sides the same KV cache dtype (fp8: one byte per element).
 """
 
 from __future__ import annotations
@@ -66,14 +68,21 @@ def _best(fn, repeats: int) -> float:
 BLOCK_SIZE = 128
 
 
-def _runs(context: int, retrieval: list[int], dtype: torch.dtype, shape: argparse.Namespace):
+def _random_cache(numel: int, dtype: torch.dtype, fp8: bool) -> torch.Tensor:
+    # fp8: bytes of moderate finite values (below 0x70 in both formats).
+    return (
+        torch.randint(0, 0x70, (numel,), dtype=torch.uint8) if fp8 else torch.randn(numel).to(dtype)
+    )
+
+
+def _runs(context: int, retrieval: list[int], dtype: torch.dtype, fp8: bool, shape):
     """The layer's two runs over one-head caches laid out like vLLM's (one region each)."""
     from vllm_duo.head_layout import HeadRun
 
     HEADS, HEAD_SIZE = shape.kv_heads, shape.head_size
     num_blocks = context // BLOCK_SIZE + 2
     page = BLOCK_SIZE * 2 * HEAD_SIZE
-    buffer = torch.randn(HEADS * num_blocks * page).to(dtype)
+    buffer = _random_cache(HEADS * num_blocks * page, dtype, fp8)
     streaming = [h for h in range(HEADS) if h not in retrieval]
     runs = []
     for members, is_retrieval in ((retrieval, True), (streaming, False)):
@@ -96,9 +105,10 @@ def _case(context: int, tokens: int, args: argparse.Namespace, family, isa: str)
     from vllm_duo.head_layout import split_pages
 
     HEADS, GROUP, HEAD_SIZE = args.kv_heads, args.group, args.head_size
-    dtype, scale = torch.bfloat16, HEAD_SIZE**-0.5
+    dtype, scale, kv_dtype = torch.bfloat16, HEAD_SIZE**-0.5, args.kv_cache_dtype
+    fp8 = kv_dtype != "auto"
     retrieval = list(range(0, 2 * args.retrieval, 2))[: args.retrieval]  # not contiguous
-    runs, num_blocks = _runs(context, retrieval, dtype, args)
+    runs, num_blocks = _runs(context, retrieval, dtype, fp8, args)
     blocks = torch.randperm(num_blocks - 1)[: -(-context // BLOCK_SIZE)] + 1
     step = _Step(context, tokens, BLOCK_SIZE, blocks, isa, args.requests)
     tokens *= args.requests
@@ -106,23 +116,26 @@ def _case(context: int, tokens: int, args: argparse.Namespace, family, isa: str)
     key = torch.randn(tokens, HEADS, HEAD_SIZE).to(dtype)
     value = torch.randn(tokens, HEADS, HEAD_SIZE).to(dtype)
     out = torch.empty_like(query)
-    stock_cache = torch.randn(num_blocks, HEADS, BLOCK_SIZE, 2 * HEAD_SIZE).to(dtype)
+    stock_cache = _random_cache(num_blocks * HEADS * BLOCK_SIZE * 2 * HEAD_SIZE, dtype, fp8)
+    stock_cache = stock_cache.view(num_blocks, HEADS, BLOCK_SIZE, 2 * HEAD_SIZE)
     key_cache, value_cache = split_pages(stock_cache)
     metadata = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=args.requests, num_heads=HEADS * GROUP, num_kv_heads=HEADS, head_dim=HEAD_SIZE,
         seq_lens=step.seq_lens, dtype=dtype, query_start_loc=step.query_start_loc,
         causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False,
+        kv_cache_dtype=kv_dtype,
     )  # fmt: skip
     rows = (tokens, HEADS * GROUP, HEAD_SIZE)
 
     def stock() -> None:
         ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache,
-                                       step.slot_mapping, isa)  # fmt: skip
+                                       step.slot_mapping, isa, kv_cache_dtype=kv_dtype)  # fmt: skip
         ops.cpu_attention_with_kv_cache(
             query=query.view(rows), key_cache=key_cache, value_cache=value_cache,
             output=out.view(rows), query_start_loc=step.query_start_loc, seq_lens=step.seq_lens,
             scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
             block_table=step.block_table, softcap=0, scheduler_metadata=metadata, s_aux=None,
+            kv_cache_dtype=kv_dtype,
         )  # fmt: skip
 
     def duo() -> None:
@@ -147,21 +160,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--torch-path", action="store_true", help="streaming heads in torch")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+                        help="KV cache dtype of both sides")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from vllm_duo._vllm import cpu_attn_isa
     from vllm_duo.families.cpu import CpuKernels
 
-    isa = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
+    # The instruction set vLLM's builder picks for this shape and cache dtype.
+    isa = cpu_attn_isa(torch.bfloat16, BLOCK_SIZE, args.head_size, args.kv_cache_dtype)
     family = CpuKernels(scale=args.head_size**-0.5, sink=args.sink, recent=args.recent,
-                        kv_cache_dtype="auto", dtype=torch.bfloat16)  # fmt: skip
+                        kv_cache_dtype=args.kv_cache_dtype, dtype=torch.bfloat16,
+                        head_size=args.head_size)  # fmt: skip
     if args.torch_path:
         family.native = False
     from vllm_duo.bench.run import machine_description
 
     print(f"one layer, {args.kv_heads * args.group}q/{args.kv_heads}kv heads "
-          f"d={args.head_size} bf16, {args.retrieval} retrieval heads, {args.requests} request(s), "
+          f"d={args.head_size} bf16, KV cache {args.kv_cache_dtype}, {args.retrieval} retrieval "
+          f"heads, {args.requests} request(s), "
           f"S={args.sink} W={args.recent}, threads={torch.get_num_threads()}, isa={isa}, "
           f"{machine_description()}, streaming: "
           f"{'C++ op' if family.native else 'torch'} (least of {args.repeats})")  # fmt: skip

@@ -95,12 +95,20 @@ def run_engine(
     prompt_logprobs: bool = True,
     sequential: bool = False,
     batches: list[list[int]] | None = None,
+    kv_scales: dict[str, list[float]] | None = None,
+    capture_attention: bool = False,
+    max_concurrency: list[int] | None = None,
     **llm_kwargs,
 ):
     """Run one engine in a subprocess; returns its outputs, or its log if it must fail.
 
     ``count_kernel_calls``: True counts the CPU family's kernel calls, ``"gpu"`` the GPU
     family's. ``batches``: prompt indices per ``llm.generate`` call, run in order.
+    ``kv_scales``: {"k": [...], "v": [...]} per-layer fp8 KV scales, set after the model
+    loads as vLLM sets checkpoint scales (in-process engine). ``capture_attention``: the
+    result's "attention" holds every DUO layer forward of the generate calls (query, key,
+    value, output, offsets, scales; see engine_runner._AttentionCapture). ``max_concurrency``:
+    token counts for which the result's "max_concurrency" holds vLLM's figure.
     """
     tag = f"run{len(list(tmp_path.glob('request-*.json')))}"
     request = tmp_path / f"request-{tag}.json"
@@ -118,6 +126,9 @@ def run_engine(
                 "prompt_logprobs": prompt_logprobs,
                 "sequential": sequential,
                 "batches": batches,
+                "kv_scales": kv_scales,
+                "capture_attention": capture_attention,
+                "max_concurrency": max_concurrency,
                 "env": {},
             }
         )
@@ -137,27 +148,51 @@ def run_engine(
     assert proc.returncode == 0, f"engine failed (rc={proc.returncode}):\n{log[-6000:]}"
     data = json.loads(result.read_text())
     data["log"] = log
+    if capture_attention:
+        import torch
+
+        data["attention"] = torch.load(str(result) + ".attention.pt")
     return data
 
 
 class Reference:
-    """The fp32 transformers model with DuoAttention masks (vllm_duo.reference)."""
+    """The fp32 transformers model with DuoAttention masks (vllm_duo.reference).
 
-    def __init__(self, model_dir: Path, retrieval_mask: np.ndarray, sink: int, recent: int):
+    ``kv_quantisation`` (:class:`vllm_duo.reference.KVQuantisation`): keys and values as an
+    fp8 KV cache holds them.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        retrieval_mask: np.ndarray,
+        sink: int,
+        recent: int,
+        kv_quantisation=None,
+    ):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from vllm_duo.reference import use_reference_pattern
-
-        name = use_reference_pattern(retrieval_mask, sink=sink, recent=recent)
+        self._pattern = {"retrieval_mask": retrieval_mask, "sink": sink, "recent": recent,
+                         "kv_quantisation": kv_quantisation}  # fmt: skip
+        name = self._install()
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, attn_implementation=name, dtype=torch.float32
         )
         self.model.eval()
 
+    def _install(self) -> str:
+        from vllm_duo.reference import use_reference_pattern
+
+        mask = self._pattern["retrieval_mask"]
+        return use_reference_pattern(mask, **{k: v for k, v in self._pattern.items()
+                                              if k != "retrieval_mask"})  # fmt: skip
+
     def logprobs(self, ids: list[int]):
         from vllm_duo.reference import reference_logprobs
 
+        # The pattern is process-global: another Reference may have installed its own.
+        self._install()
         return reference_logprobs(self.model, ids)
 
 

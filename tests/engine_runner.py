@@ -23,9 +23,12 @@ def main(request_path: str, result_path: str) -> None:
 
     count = request.get("count_kernel_calls")
     counter = (_GpuKernelCounter() if count == "gpu" else _KernelCounter()) if count else None
+    capture = _AttentionCapture() if request.get("capture_attention") else None
     started = time.perf_counter()
     llm = LLM(model=request["model"], **request["llm_kwargs"])
     startup_s = time.perf_counter() - started
+    if request.get("kv_scales"):
+        _set_kv_scales(llm, request["kv_scales"]["k"], request["kv_scales"]["v"])
     probe = _Probe(llm) if request.get("probe") else None
     params = SamplingParams(
         max_tokens=request["max_tokens"],
@@ -45,6 +48,8 @@ def main(request_path: str, result_path: str) -> None:
         else [list(range(len(all_prompts)))]
     )
     results: list[dict | None] = [None] * len(all_prompts)
+    if capture is not None:
+        capture.active = True  # not the start-up's dummy runs
     for batch in order:
         prompts = [{"prompt_token_ids": all_prompts[i]} for i in batch]
         outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -68,10 +73,97 @@ def main(request_path: str, result_path: str) -> None:
     report = {"startup_s": startup_s, "outputs": results}
     if probe is not None:
         report.update(probe.report())
+    if request.get("max_concurrency"):
+        report["max_concurrency"] = {
+            str(n): _max_concurrency(llm, n) for n in request["max_concurrency"]
+        }
     if counter is not None:
         report["kernel_calls"] = counter.forwards
+    if capture is not None:
+        import torch
+
+        torch.save(capture.calls, result_path + ".attention.pt")
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(report, f)
+
+
+def _max_concurrency(llm, tokens: int) -> float:
+    """vLLM's 'Maximum concurrency' figure for requests of ``tokens`` tokens.
+
+    The function vLLM logs it with, on this engine's KV cache config with max_model_len
+    replaced (the pool does not depend on it), so one engine answers for several lengths.
+    """
+    import copy
+
+    from vllm_duo._vllm import get_max_concurrency_for_kv_cache_config
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    config = copy.copy(engine.vllm_config)
+    model_config = copy.copy(config.model_config)
+    model_config.max_model_len = tokens
+    object.__setattr__(config, "model_config", model_config)
+    return float(get_max_concurrency_for_kv_cache_config(config, scheduler.kv_cache_config))
+
+
+def _set_kv_scales(llm, k_scales: list[float], v_scales: list[float]) -> None:
+    """Per-layer fp8 KV scales, set as vLLM sets scales it loads from a checkpoint.
+
+    (``BaseKVCacheMethod.process_weights_after_loading``: the tensors and their host
+    copies, which every CPU attention call reads.) In-process engine only.
+    """
+
+    def apply(model) -> int:
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        count = 0
+        for module in model.modules():
+            if isinstance(module, Attention):
+                layer = extract_layer_index(module.layer_name)
+                k, v = float(k_scales[layer]), float(v_scales[layer])
+                module._k_scale.fill_(k)
+                module._v_scale.fill_(v)
+                module._k_scale_float, module._v_scale_float = k, v
+                count += 1
+        return count
+
+    assert all(llm.apply_model(apply)), "no attention layer got its KV scales"
+
+
+class _AttentionCapture:
+    """Records every DUO layer forward while active (in-process engine): the layer, the
+    step's query/key/value as vLLM computed them, the output DUO wrote, the step's query
+    offsets and sequence lengths, and the layer's KV scales."""
+
+    def __init__(self) -> None:
+        from vllm_duo import backend
+
+        self.active = False
+        self.calls: list[dict] = []
+        forward = backend.DuoAttentionImpl.forward
+        capture = self
+
+        def recorded(impl, layer, query, key, value, kv_cache, attn_metadata, output, *a, **k):
+            result = forward(impl, layer, query, key, value, kv_cache, attn_metadata, output,
+                             *a, **k)  # fmt: skip
+            if capture.active and attn_metadata is not None:
+                n = attn_metadata.num_actual_tokens
+                capture.calls.append({
+                    "layer": layer.layer_name,
+                    "query_start_loc": list(attn_metadata.query_start_loc_host),
+                    "seq_lens": attn_metadata.seq_lens[: attn_metadata.num_reqs].tolist(),
+                    "query": query[:n].detach().clone(),
+                    "key": key[:n].detach().clone(),
+                    "value": value[:n].detach().clone(),
+                    "output": output[:n].detach().clone(),
+                    "k_scale": layer._k_scale_float,
+                    "v_scale": layer._v_scale_float,
+                    "scale": impl.scale,
+                })  # fmt: skip
+            return result
+
+        backend.DuoAttentionImpl.forward = recorded
 
 
 class _KernelCounter:

@@ -31,6 +31,8 @@ BAD_CONFIGS = [
     ({"max_num_batched_tokens": 8}, "--max-num-batched-tokens 8"),
     ({"dtype": "int8"}, "--dtype 'int8'"),
     ({"kv_cache_gib": 0.0}, "--kv-cache-gib 0.0"),
+    ({"kv_cache_dtype": "int8"}, "--kv-cache-dtype 'int8' must be one of auto, fp8"),
+    ({"stock_kv_cache_dtype": "fp4"}, "--stock-kv-cache-dtype 'fp4'"),
 ]
 
 
@@ -78,6 +80,20 @@ def test_report_ratios_point_the_right_way():
     assert row["decode_s_per_token"]["ideal"] == pytest.approx(2048 / (1024 + 8))
     lines = report.table(rows)
     assert any("4.00x" in line for line in lines)
+
+
+def test_fp8_multiplies_the_kv_bytes_ideals():
+    """DUO with an fp8 cache against stock in bf16: twice the decode (KV bytes) ideal."""
+    assert BenchConfig(kv_cache_dtype="fp8").kv_dtype_gain == 2
+    assert BenchConfig(kv_cache_dtype="fp8", dtype="float32").kv_dtype_gain == 4
+    assert BenchConfig(kv_cache_dtype="fp8_e5m2", stock_kv_cache_dtype="fp8").kv_dtype_gain == 1
+    stock, duo = [_row(2048, 2.0, 0.02, 50.0, 4096.0, 10.0)], [_row(2048, 2.0, 0.02, 50.0, 1.0, 1)]
+    plain = report.compare(stock, duo, retrieval_fraction=0.5, sink=4, recent=12)[0]
+    fp8 = report.compare(stock, duo, retrieval_fraction=0.5, sink=4, recent=12,
+                         kv_dtype_gain=2.0)[0]  # fmt: skip
+    for key in ("max_concurrency", "kv_bytes_per_token", "decode_s_per_token"):
+        assert fp8[key]["ideal"] == pytest.approx(2 * plain[key]["ideal"])
+    assert fp8["prefill_s"]["ideal"] == pytest.approx(plain["prefill_s"]["ideal"])
 
 
 def test_cli_rejects_bad_contexts_in_one_line(capsys):

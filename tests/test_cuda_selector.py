@@ -46,15 +46,17 @@ CASES = [
     _case("head-72", "head_size not supported: DUO serves head sizes [32, 64, 80, 96, 112, "
           "128, 160, 192, 224, 256], got 72", head_size=72),
     _case("head-512", "got 512", head_size=512),
-    _case("fp8-kv", "kv_cache_dtype not supported: DUO serves kv_cache_dtype ['auto'] (fp8 KV "
-          "caches are not implemented yet), got 'fp8'", kv_cache_dtype="fp8"),
+    _case("ok-fp8-kv", kv_cache_dtype="fp8"),
+    _case("ok-fp8-e4m3-kv", kv_cache_dtype="fp8_e4m3"),
+    _case("fp8-e5m2-kv", "kv_cache_dtype not supported: DUO serves kv_cache_dtype ['auto', "
+          "'fp8', 'fp8_e4m3'] on this platform, got 'fp8_e5m2'", kv_cache_dtype="fp8_e5m2"),
     _case("mla", "DUO: MLA not supported", use_mla=True),
     _case("sinks", "DUO: attention sinks not supported", has_sink=True),
     _case("sliding-window", "DUO: sliding window not supported", has_sliding_window=True),
     _case("sparse", "DUO: sparse not supported", use_sparse=True),
     _case("encoder", "DUO: attention type encoder_only not supported", attn_type="encoder_only"),
     _case("two-reasons", "got 72', \"kv_cache_dtype not supported", cap=(8, 0), head_size=72,
-          kv_cache_dtype="fp8"),
+          kv_cache_dtype="fp8_e5m2"),
 ]  # fmt: skip
 
 WORKER = r"""

@@ -44,6 +44,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa as cpu_attn_isa
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.attention.selector import AttentionSelectorConfig
 from vllm.v1.core.block_pool import BlockPool
@@ -88,6 +89,7 @@ __all__ = [
     "SlidingWindowSpec",
     "VllmConfig",
     "cdiv",
+    "cpu_attn_isa",
     "current_platform",
     "envs",
     "extract_layer_index",

@@ -52,6 +52,11 @@ _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 _GPU_BLOCK_SIZE_MULTIPLE = 16
 _GPU_MIN_CAPABILITY = (8, 0)
+# KV cache dtypes: on CPU those of vLLM's CPU backend (its kernel serves the retrieval heads,
+# and the streaming kernels quantise and read every fp8 format it writes); the GPU family's
+# Triton and CUDA sink+window kernels read fp8 e4m3 only.
+_CPU_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+_GPU_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def _device_type() -> str:
@@ -188,7 +193,8 @@ class DuoAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = True
 
     supported_dtypes: ClassVar[list[torch.dtype]] = list(_GPU_DTYPES)
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+    # Every dtype some family serves; supports_kv_cache_dtype answers per platform.
+    supported_kv_cache_dtypes: ClassVar[list] = list(_CPU_KV_CACHE_DTYPES)
 
     @staticmethod
     def get_name() -> str:
@@ -219,6 +225,21 @@ class DuoAttentionBackend(AttentionBackend):
         if _device_type() == "cpu":
             return dtype in CPUAttentionBackend.supported_dtypes
         return dtype in cls.supported_dtypes
+
+    @classmethod
+    def kv_cache_dtypes(cls) -> list[str]:
+        """The ``--kv-cache-dtype`` values DUO serves on this platform."""
+        if _device_type() == "cpu":
+            return [
+                d
+                for d in _CPU_KV_CACHE_DTYPES
+                if d in CPUAttentionBackend.supported_kv_cache_dtypes
+            ]
+        return list(_GPU_KV_CACHE_DTYPES)
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        return kv_cache_dtype is None or kv_cache_dtype in cls.kv_cache_dtypes()
 
     @classmethod
     def supports_compute_capability(cls, capability) -> bool:
@@ -254,8 +275,8 @@ class DuoAttentionBackend(AttentionBackend):
                 f"{str(dtype).removeprefix('torch.')}"
             ),
             "kv_cache_dtype not supported": (
-                f"DUO serves kv_cache_dtype {cls.supported_kv_cache_dtypes} (fp8 KV caches are "
-                f"not implemented yet), got {kv_cache_dtype!r}"
+                f"DUO serves kv_cache_dtype {cls.kv_cache_dtypes()} on this platform, got "
+                f"{kv_cache_dtype!r}"
             ),
             "block_size not supported": (
                 f"DUO's kernels need a block size of {_block_sizes(cls)}, got {block_size}"
@@ -346,9 +367,12 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             raise _refuse(
                 "kv_sharing_target_layer_name", kv_sharing_target_layer_name, "no cross-layer KV"
             )
-        if kv_cache_dtype not in DuoAttentionBackend.supported_kv_cache_dtypes:
-            allowed = DuoAttentionBackend.supported_kv_cache_dtypes
-            raise _refuse("kv_cache_dtype", kv_cache_dtype, f"one of {allowed}")
+        if not DuoAttentionBackend.supports_kv_cache_dtype(kv_cache_dtype):
+            allowed = DuoAttentionBackend.kv_cache_dtypes()
+            raise DuoConfigError(
+                f"--attention-backend DUO cannot serve kv_cache_dtype={kv_cache_dtype!r} on "
+                f"{_device_type()}: one of {allowed}. Pick one of those with --kv-cache-dtype."
+            )
         unsupported = {k: v for k, v in extra_impl_args.items() if v is not None}
         if unsupported:
             raise _refuse("attention options", sorted(unsupported), "none of these")

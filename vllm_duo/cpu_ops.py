@@ -6,7 +6,9 @@ The extension holds only torch ops (``torch.ops.vllm_duo_cpu.*``); it is found w
 the CPU kernel family uses :mod:`vllm_duo.kernels.sink_window_torch` instead. Never imports
 vLLM.
 
-Semantics: DESIGN.md section 3, as :mod:`vllm_duo.kernels.sink_window_torch`.
+Semantics: DESIGN.md section 3, as :mod:`vllm_duo.kernels.sink_window_torch`. fp8 caches
+(``kv_cache_dtype`` fp8 / fp8_e4m3 / fp8_e5m2) hold bytes quantised exactly as vLLM's CPU
+backend quantises them (:func:`vllm_duo.kernels.fp8.quantize_cpu`), with per-tensor scales.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def sink_window_attention(
     recent: int,
     scale: float,
     out: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Sink+window attention of some KV heads of a layer, decode rows and prefill chunks.
 
@@ -84,7 +89,8 @@ def sink_window_attention(
         query: [num_tokens, num_kv_heads, G, head_size], the layer's queries; any strides
             with a contiguous last dim.
         key_cache, value_cache: [num_blocks, block_size, R, head_size] the R heads' caches
-            (one strided view over R one-head caches), the query's dtype.
+            (one strided view over R one-head caches): the query's dtype, or uint8 bytes
+            for an fp8 ``kv_cache_dtype``.
         heads: [R] int64, the layer's KV head of each cache head.
         block_table: [num_reqs, max_blocks] int32; only entries of visible cached
             positions are read (others may be null or garbage).
@@ -92,10 +98,14 @@ def sink_window_attention(
         seq_lens: [num_reqs] int32 context lengths including this step's queries, which
             are the last positions of each request.
         new_keys, new_values: [num_tokens, num_kv_heads, head_size], this step's keys and
-            values: positions of the step are read from them, never from the cache.
+            values: positions of the step are read from them, never from the cache (with
+            an fp8 cache through the store's quantisation, so they read as cached ones).
         sink, recent: S >= 0 and W >= 1.
         scale: softmax scale.
         out: [num_tokens, num_kv_heads, G, head_size]; the R heads' rows are written.
+        kv_cache_dtype: vLLM's ``--kv-cache-dtype``: ``auto``, ``fp8``, ``fp8_e4m3`` or
+            ``fp8_e5m2``.
+        k_scale, v_scale: the layer's fp8 scales (a byte b stands for fp8(b) * scale).
 
     Returns:
         ``out``.
@@ -103,7 +113,8 @@ def sink_window_attention(
     _require()
     torch.ops.vllm_duo_cpu.sink_window_attention(
         query, key_cache, value_cache, heads, block_table, query_start_loc, seq_lens,
-        new_keys, new_values, int(sink), int(recent), float(scale), out,
+        new_keys, new_values, int(sink), int(recent), float(scale), out, kv_cache_dtype,
+        float(k_scale), float(v_scale),
     )  # fmt: skip
     return out
 
@@ -117,6 +128,9 @@ def store_kv(
     value_cache: torch.Tensor,
     *,
     min_slot: int,
+    kv_cache_dtype: str = "auto",
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Writes the step's keys/values of R heads into their cache slots, in one call.
 
@@ -126,10 +140,14 @@ def store_kv(
         slot_mapping: [>= num_tokens] int64 cache slot per token; tokens whose slot is
             below ``min_slot`` are not stored (-1 padding; vLLM's null block 0 of chunk
             tokens that leave a streaming window within the step).
-        key_cache, value_cache: [num_blocks, block_size, R, head_size], written in place.
+        key_cache, value_cache: [num_blocks, block_size, R, head_size], written in place:
+            the keys' dtype, or uint8 for an fp8 ``kv_cache_dtype``.
         min_slot: the first slot that is stored.
+        kv_cache_dtype: ``auto`` (copy) or ``fp8`` / ``fp8_e4m3`` / ``fp8_e5m2`` (quantise
+            as vLLM's CPU backend does, with ``k_scale`` / ``v_scale``).
     """
     _require()
     torch.ops.vllm_duo_cpu.store_kv(
-        new_keys, new_values, heads, slot_mapping, key_cache, value_cache, int(min_slot)
-    )
+        new_keys, new_values, heads, slot_mapping, key_cache, value_cache, int(min_slot),
+        kv_cache_dtype, float(k_scale), float(v_scale),
+    )  # fmt: skip

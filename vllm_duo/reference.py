@@ -2,15 +2,20 @@
 
 This is the independent oracle the tests hold the vLLM backend to: no paging,
 no kernels, just the mask of DESIGN.md section 3 applied to a whole sequence.
-It never imports vLLM.
+With an fp8 KV cache (:class:`KVQuantisation`) every key and value is first replaced
+by what the cache holds for it, exactly as vLLM quantises it, since that is all any
+kernel (vLLM's or DUO's) can read. It never imports vLLM.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from vllm_duo.kernels.fp8 import Fp8Format, round_trip
 
 _REGISTERED_NAME = "duo_reference"
 
@@ -73,12 +78,34 @@ def duo_attention(
     return out
 
 
+@dataclass(frozen=True)
+class KVQuantisation:
+    """An fp8 KV cache: keys and values as vLLM stores and reads them back."""
+
+    fmt: Fp8Format
+    k_scales: Sequence[float]
+    """Per decoder layer (vLLM's per-layer ``k_scale``; 1.0 without checkpoint scales)."""
+    v_scales: Sequence[float]
+    platform: str = "cpu"
+    """Whose quantisation rule: ``cpu`` (truncation) or ``cuda`` (round to nearest)."""
+
+    def apply(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) of ``layer`` as the cache holds them, in float32."""
+        return (
+            round_trip(key, self.fmt, self.k_scales[layer], platform=self.platform),
+            round_trip(value, self.fmt, self.v_scales[layer], platform=self.platform),
+        )
+
+
 class ReferencePattern:
     """The per-layer streaming mask the HF attention hook reads (mutable holder)."""
 
     streaming: np.ndarray | None = None
     sink: int = 0
     recent: int = 1
+    kv_quantisation: KVQuantisation | None = None
 
 
 def _hf_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -87,6 +114,8 @@ def _hf_attention(module, query, key, value, attention_mask, scaling, dropout=0.
     pattern = ReferencePattern.streaming
     if pattern is None:
         raise RuntimeError("set reference pattern first: use_reference_pattern(...)")
+    if ReferencePattern.kv_quantisation is not None:
+        key, value = ReferencePattern.kv_quantisation.apply(module.layer_idx, key, value)
     outputs = [
         duo_attention(
             query[b],
@@ -103,17 +132,25 @@ def _hf_attention(module, query, key, value, attention_mask, scaling, dropout=0.
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_reference_pattern(retrieval_mask: np.ndarray, *, sink: int, recent: int) -> str:
+def use_reference_pattern(
+    retrieval_mask: np.ndarray,
+    *,
+    sink: int,
+    recent: int,
+    kv_quantisation: KVQuantisation | None = None,
+) -> str:
     """Install the DuoAttention reference for transformers models.
 
     Returns the ``attn_implementation`` name to load the model with. Only one
-    pattern is active per process (the reference runs one model at a time).
+    pattern (and KV quantisation) is active per process: the reference runs one
+    model at a time.
     """
     from transformers import AttentionInterface
 
     ReferencePattern.streaming = ~np.asarray(retrieval_mask, dtype=bool)
     ReferencePattern.sink = sink
     ReferencePattern.recent = recent
+    ReferencePattern.kv_quantisation = kv_quantisation
     AttentionInterface.register(_REGISTERED_NAME, _hf_attention)
     return _REGISTERED_NAME
 

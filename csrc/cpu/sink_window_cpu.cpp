@@ -5,10 +5,14 @@
 // Ops (namespace vllm_duo_cpu; both write in place and return nothing):
 //   sink_window_attention(query[T, H, G, D], key_cache[NB, BS, R, D], value_cache,
 //       heads[R] i64, block_table[N, B] i32, query_start_loc[N+1] i32, seq_lens[N] i32,
-//       new_keys[T, H, D], new_values[T, H, D], sink, recent, scale, out[T, H, G, D])
+//       new_keys[T, H, D], new_values[T, H, D], sink, recent, scale, out[T, H, G, D],
+//       kv_cache_dtype="auto", k_scale=1.0, v_scale=1.0)
 //   store_kv(new_keys[T, H, D], new_values, heads[R] i64, slot_mapping[T] i64,
-//       key_cache[NB, BS, R, D], value_cache, min_slot)
+//       key_cache[NB, BS, R, D], value_cache, min_slot, kv_cache_dtype="auto", k_scale=1.0,
+//       v_scale=1.0)
 // H = the layer's KV heads, R = the run's heads (run head i is layer head heads[i]).
+// kv_cache_dtype is vLLM's --kv-cache-dtype: "auto" (caches in the query's dtype) or
+// "fp8" / "fp8_e4m3" / "fp8_e5m2" (uint8 caches, a byte b stands for fp8(b) * k/v_scale).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -17,6 +21,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
+#include <vector>
 
 #include "sink_window_cpu.h"
 
@@ -51,11 +57,32 @@ void check_heads(const char* op, const at::Tensor& heads, int64_t run_heads, int
                 " is not a KV head of the layer (0..", layer_heads - 1, ")");
 }
 
+// The fp8 format of vLLM's --kv-cache-dtype value; nullptr for "auto".
+const duo_cpu::Fp8Spec* fp8_spec(const char* op, c10::string_view kv_cache_dtype) {
+  if (kv_cache_dtype == "auto") return nullptr;
+  if (kv_cache_dtype == "fp8" || kv_cache_dtype == "fp8_e4m3") return &duo_cpu::kFp8E4m3;
+  if (kv_cache_dtype == "fp8_e5m2") return &duo_cpu::kFp8E5m2;
+  TORCH_CHECK(false, op, ": kv_cache_dtype '", kv_cache_dtype,
+              "' is not supported: auto, fp8, fp8_e4m3 or fp8_e5m2");
+}
+
+void check_scale(const char* op, const char* name, double scale) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, op, ": ", name,
+              " must be a finite number > 0, got ", scale);
+}
+
 void check_cache(const char* op, const char* name, const at::Tensor& cache, const at::Tensor& like,
-                 int64_t run_heads, int64_t head_size) {
+                 int64_t run_heads, int64_t head_size, bool fp8) {
   check_rows(op, name, cache, 4);
-  TORCH_CHECK(cache.scalar_type() == like.scalar_type(), op, ": ", name, " dtype ",
-              cache.scalar_type(), " must match the query's ", like.scalar_type());
+  if (fp8) {
+    TORCH_CHECK(cache.scalar_type() == at::kByte, op, ": ", name, " dtype ",
+                cache.scalar_type(), " must be uint8 for an fp8 kv_cache_dtype (vLLM's fp8 "
+                "caches hold bytes)");
+  } else {
+    TORCH_CHECK(cache.scalar_type() == like.scalar_type(), op, ": ", name, " dtype ",
+                cache.scalar_type(), " must match the query's ", like.scalar_type(),
+                " with kv_cache_dtype 'auto'");
+  }
   TORCH_CHECK(cache.size(2) == run_heads && cache.size(3) == head_size, op, ": ", name,
               " must be [num_blocks, block_size, run_heads=", run_heads,
               ", head_size=", head_size, "], got ", cache.sizes());
@@ -85,8 +112,12 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& block_table, const at::Tensor& query_start_loc,
                            const at::Tensor& seq_lens, const at::Tensor& new_keys,
                            const at::Tensor& new_values, int64_t sink, int64_t recent,
-                           double scale, const at::Tensor& out) {
+                           double scale, const at::Tensor& out, c10::string_view kv_cache_dtype,
+                           double k_scale, double v_scale) {
   const char* op = kAttention;
+  const duo_cpu::Fp8Spec* fp8 = fp8_spec(op, kv_cache_dtype);
+  check_scale(op, "k_scale", k_scale);
+  check_scale(op, "v_scale", v_scale);
   check_rows(op, "query", query, 4);
   const int64_t num_tokens = query.size(0), layer_heads = query.size(1), group = query.size(2),
                 head_size = query.size(3), run_heads = key_cache.size(2);
@@ -96,8 +127,8 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& key_cache,
   check_rows(op, "out", out, 4);
   TORCH_CHECK(head_size % 16 == 0, op, ": head_size ", head_size,
               " must be a multiple of 16 (as every head size vLLM's CPU backend serves)");
-  check_cache(op, "key_cache", key_cache, query, run_heads, head_size);
-  check_cache(op, "value_cache", value_cache, query, run_heads, head_size);
+  check_cache(op, "key_cache", key_cache, query, run_heads, head_size, fp8 != nullptr);
+  check_cache(op, "value_cache", value_cache, query, run_heads, head_size, fp8 != nullptr);
   TORCH_CHECK(value_cache.size(0) == key_cache.size(0) && value_cache.size(1) == key_cache.size(1),
               op, ": value_cache ", value_cache.sizes(), " must match key_cache ",
               key_cache.sizes());
@@ -156,12 +187,49 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& key_cache,
 
   std::atomic<bool> ok{true};
   const std::vector<duo_cpu::QueryTile> tiles = duo_cpu::query_tiles(a);
+  const int64_t items = static_cast<int64_t>(tiles.size()) * run_heads;
+  const float k_scale_f = static_cast<float>(k_scale), v_scale_f = static_cast<float>(v_scale);
   dispatch_float(op, query.scalar_type(), [&](auto tag, auto to_float, auto from_float) {
     using T = decltype(tag);
-    const int64_t items = static_cast<int64_t>(tiles.size()) * run_heads;
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      if (!duo_cpu::sink_window_tiles<T>(a, tiles, begin, end, to_float, from_float)) ok = false;
+    using ToFloat = decltype(to_float);
+    using FromFloat = decltype(from_float);
+    if (fp8 == nullptr) {
+      const duo_cpu::PlainIo<T, ToFloat, FromFloat> io{to_float, from_float};
+      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+        if (!duo_cpu::sink_window_tiles<T>(a, tiles, begin, end, io)) ok = false;
+      });
+      return;
+    }
+    // The step's keys/values of the run heads, quantised once here rather than at every
+    // read (a prefill chunk's keys are read by every tile whose window covers them).
+    const int64_t step_tokens = a.num_tokens;
+    std::vector<uint8_t> step(2 * step_tokens * run_heads * head_size);
+    uint8_t* step_keys = step.data();
+    uint8_t* step_values = step_keys + step_tokens * run_heads * head_size;
+    // The reciprocals the store multiplies by (vLLM's CPU backend rounds 1 / scale to
+    // float32 first).
+    const float k_inverse = 1.0f / k_scale_f, v_inverse = 1.0f / v_scale_f;
+    at::parallel_for(0, step_tokens, 16, [&](int64_t begin, int64_t end) {
+      duo_cpu::quantize_step<T>(a, *fp8, k_inverse, v_inverse, step_keys, step_values, begin,
+                                end, to_float);
     });
+    duo_cpu::SinkWindowArgs quantised = a;
+    quantised.new_keys = step_keys, quantised.new_values = step_values;
+    quantised.nk_token = quantised.nv_token = run_heads * head_size;
+    quantised.nk_head = quantised.nv_head = head_size;
+    quantised.step_by_run_head = true;
+    auto attend = [&](const auto& io) {
+      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+        if (!duo_cpu::sink_window_tiles<T>(quantised, tiles, begin, end, io)) ok = false;
+      });
+    };
+    if (fp8->e4m3) {
+      attend(duo_cpu::Fp8Io<T, ToFloat, FromFloat, true>{to_float, from_float, k_scale_f,
+                                                          v_scale_f});
+    } else {
+      attend(duo_cpu::Fp8Io<T, ToFloat, FromFloat, false>{to_float, from_float, k_scale_f,
+                                                           v_scale_f});
+    }
   });
   TORCH_CHECK(ok.load(), op, ": a block table entry of a visible position is outside the cache "
               "(0..", a.num_blocks - 1, ")");
@@ -169,8 +237,12 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& key_cache,
 
 void store_kv(const at::Tensor& new_keys, const at::Tensor& new_values, const at::Tensor& heads,
               const at::Tensor& slot_mapping, const at::Tensor& key_cache,
-              const at::Tensor& value_cache, int64_t min_slot) {
+              const at::Tensor& value_cache, int64_t min_slot, c10::string_view kv_cache_dtype,
+              double k_scale, double v_scale) {
   const char* op = kStore;
+  const duo_cpu::Fp8Spec* fp8 = fp8_spec(op, kv_cache_dtype);
+  check_scale(op, "k_scale", k_scale);
+  check_scale(op, "v_scale", v_scale);
   check_rows(op, "new_keys", new_keys, 3);
   check_rows(op, "new_values", new_values, 3);
   TORCH_CHECK(new_values.sizes() == new_keys.sizes() &&
@@ -179,8 +251,8 @@ void store_kv(const at::Tensor& new_keys, const at::Tensor& new_values, const at
               new_keys.scalar_type());
   const int64_t num_tokens = new_keys.size(0), layer_heads = new_keys.size(1),
                 head_size = new_keys.size(2), run_heads = key_cache.size(2);
-  check_cache(op, "key_cache", key_cache, new_keys, run_heads, head_size);
-  check_cache(op, "value_cache", value_cache, new_keys, run_heads, head_size);
+  check_cache(op, "key_cache", key_cache, new_keys, run_heads, head_size, fp8 != nullptr);
+  check_cache(op, "value_cache", value_cache, new_keys, run_heads, head_size, fp8 != nullptr);
   check_heads(op, heads, run_heads, layer_heads);
   TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) >= num_tokens, op,
               ": slot_mapping must be [>= num_tokens=", num_tokens, "], got ",
@@ -202,10 +274,22 @@ void store_kv(const at::Tensor& new_keys, const at::Tensor& new_values, const at
   a.num_tokens = num_tokens, a.run_heads = run_heads, a.head_size = head_size;
   a.block_size = key_cache.size(1), a.num_blocks = key_cache.size(0), a.min_slot = min_slot;
   std::atomic<bool> ok{true};
-  const int64_t element_size = new_keys.element_size();
-  at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
-    if (!duo_cpu::store_rows(a, element_size, begin, end)) ok = false;
-  });
+  if (fp8 == nullptr) {
+    const int64_t element_size = new_keys.element_size();
+    at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+      if (!duo_cpu::store_rows(a, element_size, begin, end)) ok = false;
+    });
+  } else {
+    const float k_inverse = 1.0f / static_cast<float>(k_scale);
+    const float v_inverse = 1.0f / static_cast<float>(v_scale);
+    dispatch_float(op, new_keys.scalar_type(), [&](auto tag, auto to_float, auto) {
+      using T = decltype(tag);
+      at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+        if (!duo_cpu::store_rows_fp8<T>(a, *fp8, k_inverse, v_inverse, begin, end, to_float))
+          ok = false;
+      });
+    });
+  }
   TORCH_CHECK(ok.load(), op, ": a slot lies past the cache's ", a.num_blocks, " blocks");
 }
 
@@ -213,12 +297,14 @@ void store_kv(const at::Tensor& new_keys, const at::Tensor& new_values, const at
 void sink_window_attention_meta(const at::Tensor& query, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                int64_t, double, const at::Tensor& out) {
+                                int64_t, double, const at::Tensor& out, c10::string_view,
+                                double, double) {
   TORCH_CHECK(out.sizes() == query.sizes(), kAttention, ": out must have the query's shape");
 }
 
 void store_kv_meta(const at::Tensor& new_keys, const at::Tensor& new_values, const at::Tensor&,
-                   const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t) {
+                   const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                   c10::string_view, double, double) {
   TORCH_CHECK(new_values.sizes() == new_keys.sizes(), kStore, ": new_values must match new_keys");
 }
 
@@ -228,10 +314,12 @@ TORCH_LIBRARY(vllm_duo_cpu, m) {
   m.def(
       "sink_window_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor heads, "
       "Tensor block_table, Tensor query_start_loc, Tensor seq_lens, Tensor new_keys, "
-      "Tensor new_values, int sink, int recent, float scale, Tensor(a!) out) -> ()");
+      "Tensor new_values, int sink, int recent, float scale, Tensor(a!) out, "
+      "str kv_cache_dtype=\"auto\", float k_scale=1.0, float v_scale=1.0) -> ()");
   m.def(
       "store_kv(Tensor new_keys, Tensor new_values, Tensor heads, Tensor slot_mapping, "
-      "Tensor(a!) key_cache, Tensor(b!) value_cache, int min_slot) -> ()");
+      "Tensor(a!) key_cache, Tensor(b!) value_cache, int min_slot, "
+      "str kv_cache_dtype=\"auto\", float k_scale=1.0, float v_scale=1.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vllm_duo_cpu, CPU, m) {

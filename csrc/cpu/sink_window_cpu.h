@@ -1,8 +1,15 @@
 // Sink+window attention and the cache write of DuoAttention streaming heads on CPU.
 //
-// Torch-free: plain pointers and element strides, templated on the storage type and its
+// Torch-free: plain pointers and element strides, templated on the storage types and their
 // conversions to/from float (the launcher in sink_window_cpu.cpp supplies them). The
 // launcher checks every argument; this file assumes they hold.
+//
+// fp8 caches (vLLM's --kv-cache-dtype fp8/fp8_e4m3/fp8_e5m2) hold bytes with one scale per
+// tensor: a byte b stands for fp8(b) * scale. The store quantises exactly as vLLM's CPU
+// backend does for the retrieval heads of the same layer (quantize_fp8 below), and the
+// attention reads the step's own keys/values through the same quantisation, so a streaming
+// head sees the same values whether a key comes from the cache or from the step (results
+// do not depend on how the scheduler cuts chunks).
 //
 // Semantics (DESIGN.md section 3): request r's chunk of n queries sits at the last n
 // positions of its seq_len tokens; the query at position p of a streaming head attends to
@@ -33,6 +40,7 @@ struct SinkWindowArgs {
   int64_t nk_token, nk_head;
   const void* new_values;
   int64_t nv_token, nv_head;
+  bool step_by_run_head;  // new_keys/new_values are [num_tokens, run_heads, head_size]
   const int64_t* heads;  // [run_heads]: run head i is the layer's KV head heads[i]
   const int32_t* block_table;  // [num_reqs, max_blocks]
   int64_t bt_row, max_blocks, num_blocks;
@@ -72,6 +80,143 @@ inline float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return tiny ? 0.0f : poly * scale;
+}
+
+// ---------------------------------------------------------------------------------------
+// fp8 encodings and vLLM's CPU quantisation rule.
+//
+// vLLM's CPU wheel ships no C++ source; the rule was determined by writing known values with
+// its cpu_attn_reshape_and_cache and reading the bytes back (tests/test_fp8.py checks this
+// code against that op bit for bit, and vllm_duo/kernels/fp8.py::quantize_cpu is the same
+// rule in torch): v = x * (1 / scale) in float32, truncated toward zero to the fp8 grid,
+// |v| beyond the largest finite value saturates to it, NaN becomes +max, and an input of
+// exactly zero (either sign) is stored as +0. Subnormals: e5m2 truncates them too; e4m3
+// truncates |v| + 2^-6 after rounding that sum to float32 (so a value within float32
+// rounding below a subnormal grid point goes up to it).
+struct Fp8Spec {
+  int mantissa_bits;
+  int exponent_bias;
+  float max;                  // largest finite magnitude
+  uint8_t max_code;           // its byte (sign bit clear)
+  float subnormal_inv_step;   // 1 / (smallest subnormal): 2^(bias - 1 + mantissa_bits)
+  bool e4m3;                  // e4m3fn: no infinities, only 0x7F/0xFF are NaN
+};
+constexpr Fp8Spec kFp8E4m3{3, 7, 448.0f, 0x7E, 512.0f, true};
+constexpr Fp8Spec kFp8E5m2{2, 15, 57344.0f, 0x7B, 65536.0f, false};
+
+inline uint8_t quantize_fp8(float x, float inverse_scale, const Fp8Spec& f) {
+  const float v = x * inverse_scale;
+  if (v == 0.0f) return 0;
+  if (std::isnan(v)) return f.max_code;
+  const uint8_t sign = std::signbit(v) ? 0x80 : 0;
+  const float a = std::fabs(v);
+  if (a >= f.max) return sign | f.max_code;
+  uint32_t bits;
+  std::memcpy(&bits, &a, sizeof(bits));
+  const int exponent = static_cast<int>(bits >> 23) - 127;
+  if (exponent < 1 - f.exponent_bias) {
+    if (f.e4m3) {
+      // |v| + 2^-6 lies in [2^-6, 2^-5]: its top 3 mantissa bits are the subnormal's; a
+      // sum rounded up to 2^-5 is the smallest normal (byte 0x08).
+      const float shifted = a + 0.015625f;
+      uint32_t shifted_bits;
+      std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+      if ((shifted_bits >> 23) != 127 - 6) return sign | 0x08;
+      return sign | static_cast<uint8_t>((shifted_bits >> 20) & 0x7);
+    }
+    // A multiple of the smallest subnormal: the power-of-two scaling is exact and the
+    // conversion to int truncates.
+    return sign | static_cast<uint8_t>(static_cast<int>(a * f.subnormal_inv_step));
+  }
+  const uint32_t mantissa = (bits >> (23 - f.mantissa_bits)) & ((1u << f.mantissa_bits) - 1);
+  return sign | static_cast<uint8_t>(((exponent + f.exponent_bias) << f.mantissa_bits) | mantissa);
+}
+
+// The value of fp8 byte b (before the scale), branch-free so that row loops vectorise: the
+// byte's exponent and mantissa move into float32's fields; a subnormal (exponent 0) is read
+// as the normal of exponent 1 minus that binade's base, which is exact. The NaN and
+// infinity bytes, which the store never writes (it saturates), read as finite values.
+template <int kMantissaBits, int kExponentBias>
+inline float fp8_value(uint8_t b) {
+  constexpr uint32_t kExponentMask = (1u << (7 - kMantissaBits)) - 1;
+  const uint32_t exponent = (static_cast<uint32_t>(b) >> kMantissaBits) & kExponentMask;
+  const uint32_t mantissa = b & ((1u << kMantissaBits) - 1);
+  const uint32_t field = exponent == 0 ? 1u : exponent;
+  const uint32_t bits = ((field + 127 - kExponentBias) << 23) | (mantissa << (23 - kMantissaBits));
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  // 2^(1 - bias), the smallest normal: what exponent field 1 adds that a subnormal lacks.
+  constexpr float kSmallestNormal = 1.0f / static_cast<float>(1u << (kExponentBias - 1));
+  value -= exponent == 0 ? kSmallestNormal : 0.0f;
+  return (b & 0x80) ? -value : value;
+}
+
+// ---------------------------------------------------------------------------------------
+// How the attention reads its inputs as float32 and writes its output. T is the model's
+// element type (query, step keys/values, output); Cache the cache's.
+//
+// Rows of a cache in the model's dtype.
+template <typename T, typename ToFloat, typename FromFloat>
+struct PlainIo {
+  using Cache = T;
+  using Step = T;
+  ToFloat to_float;
+  FromFloat from_float;
+  float query(T x) const { return to_float(x); }
+  T output(float x) const { return from_float(x); }
+  void cache_row(const T* src, float* dst, int64_t n, bool /*key*/) const {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = to_float(src[d]);
+  }
+  void step_row(const T* src, float* dst, int64_t n, bool key) const { cache_row(src, dst, n, key); }
+};
+
+// An fp8 cache: a byte b reads as fp8(b) * scale (one float32 rounding, as dequantising in
+// float32 gives). The step's keys/values are read as the same bytes: the launcher quantises
+// them once per call (quantize_step), as the store does, so they read back exactly as the
+// cache would hold them.
+template <typename T, typename ToFloat, typename FromFloat, bool kE4m3>
+struct Fp8Io {
+  using Cache = uint8_t;
+  using Step = uint8_t;
+  ToFloat to_float;
+  FromFloat from_float;
+  float key_scale, value_scale;
+  float query(T x) const { return to_float(x); }
+  T output(float x) const { return from_float(x); }
+  void cache_row(const uint8_t* src, float* dst, int64_t n, bool key) const {
+    const float scale = key ? key_scale : value_scale;
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) {
+      dst[d] = (kE4m3 ? fp8_value<3, 7>(src[d]) : fp8_value<2, 15>(src[d])) * scale;
+    }
+  }
+  void step_row(const uint8_t* src, float* dst, int64_t n, bool key) const {
+    cache_row(src, dst, n, key);
+  }
+};
+
+// Tokens [begin, end) of the run heads' step keys/values (rows of T, layer head heads[i])
+// into fp8 bytes [num_tokens, run_heads, head_size], quantised as the store quantises.
+template <typename T, typename ToFloat>
+void quantize_step(const SinkWindowArgs& a, const Fp8Spec& spec, float key_inverse_scale,
+                   float value_inverse_scale, uint8_t* keys, uint8_t* values, int64_t begin,
+                   int64_t end, ToFloat to_float) {
+  const T* nk = static_cast<const T*>(a.new_keys);
+  const T* nv = static_cast<const T*>(a.new_values);
+  const int64_t D = a.head_size;
+  for (int64_t t = begin; t < end; ++t) {
+    for (int64_t i = 0; i < a.run_heads; ++i) {
+      const T* k = nk + t * a.nk_token + a.heads[i] * a.nk_head;
+      const T* v = nv + t * a.nv_token + a.heads[i] * a.nv_head;
+      uint8_t* kd = keys + (t * a.run_heads + i) * D;
+      uint8_t* vd = values + (t * a.run_heads + i) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        kd[d] = quantize_fp8(to_float(k[d]), key_inverse_scale, spec);
+        vd[d] = quantize_fp8(to_float(v[d]), value_inverse_scale, spec);
+      }
+    }
+  }
 }
 
 // One unit of work: queries [first_token, first_token + num_queries) of request `req`.
@@ -145,29 +290,26 @@ inline float dot_product(const float* a, const float* b, int64_t n) {
   return sum16(even + odd);
 }
 
-template <typename T, typename ToFloat>
-inline void to_float_row(const T* src, float* dst, int64_t n, ToFloat to_float) {
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) dst[d] = to_float(src[d]);
-}
-
 // Attention of work items [begin, end) of `tiles` x run heads (item = tile * run_heads +
 // run head). Returns false if a block id read from the table is out of range (its key is
 // skipped and the caller reports the error).
-template <typename T, typename ToFloat, typename FromFloat>
+template <typename T, typename Io>
 bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& tiles,
-                       int64_t begin, int64_t end, ToFloat to_float, FromFloat from_float) {
+                       int64_t begin, int64_t end, const Io& io) {
+  using C = typename Io::Cache;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t G = a.group, D = a.head_size, rows_max = kQueryTile * G;
   std::vector<float> q(rows_max * D), acc(rows_max * D), scores(rows_max * kKeyChunk);
-  std::vector<float> keys_t(D * kKeyChunk), key_rows(kKeyChunk * D), value_rows(kKeyChunk * D);
+  std::vector<float> keys_t(D * kKeyChunk), key_rows(kKeyChunk * D), value_rows(kKeyChunk * D),
+      key_row(D);
   std::vector<float> running_max(rows_max), running_sum(rows_max);
   std::vector<char> present(kKeyChunk);
   const T* query = static_cast<const T*>(a.query);
-  const T* keys = static_cast<const T*>(a.key_cache);
-  const T* values = static_cast<const T*>(a.value_cache);
-  const T* new_keys = static_cast<const T*>(a.new_keys);
-  const T* new_values = static_cast<const T*>(a.new_values);
+  const C* keys = static_cast<const C*>(a.key_cache);
+  const C* values = static_cast<const C*>(a.value_cache);
+  using S = typename Io::Step;
+  const S* new_keys = static_cast<const S*>(a.new_keys);
+  const S* new_values = static_cast<const S*>(a.new_values);
   T* out = static_cast<T*>(a.out);
   bool ok = true;
 
@@ -188,7 +330,7 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
             query + (tile.first_token + i) * a.q_token + head * a.q_head + g * a.q_group;
         float* dst = q.data() + (i * G + g) * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]) * a.scale;
+        for (int64_t d = 0; d < D; ++d) dst[d] = io.query(src[d]) * a.scale;
       }
     }
     std::fill(acc.begin(), acc.begin() + rows * D, 0.0f);
@@ -198,16 +340,17 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
     // Key and value rows of positions [j0, j0 + count): from the cache through the block
     // table, or for the chunk's own positions from the step's K/V; nullptr where a block id
     // is out of range. Walks blocks incrementally: no division per key.
-    const T* key_ptr[kKeyChunk];
-    const T* value_ptr[kKeyChunk];
+    const C* key_ptr[kKeyChunk];
+    const C* value_ptr[kKeyChunk];
     auto locate_chunk = [&](int64_t j0, int64_t count) {
       int64_t block_index = j0 / a.block_size, offset = j0 % a.block_size;
       for (int64_t c = 0; c < count; ++c) {
         const int64_t j = j0 + c;
         if (j >= first) {
           const int64_t row = chunk_start + j - first;
-          key_ptr[c] = new_keys + row * a.nk_token + head * a.nk_head;
-          value_ptr[c] = new_values + row * a.nv_token + head * a.nv_head;
+          const int64_t step_head = a.step_by_run_head ? run_head : head;
+          key_ptr[c] = new_keys + row * a.nk_token + step_head * a.nk_head;
+          value_ptr[c] = new_values + row * a.nv_token + step_head * a.nv_head;
         } else {
           const int64_t block = a.block_table[tile.req * a.bt_row + block_index];
           const bool valid = block >= 0 && block < a.num_blocks;
@@ -240,14 +383,15 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
         // rows and one dot product per row and key, which skips the transposition.
         locate_chunk(j0, count);
         for (int64_t c = 0; c < kKeyChunk; ++c) {
-          const T* k = key_ptr[c];
+          const C* k = key_ptr[c];
           present[c] = k != nullptr;
           if (c < count && k == nullptr) ok = false;
           if (transposed) {
+            if (k != nullptr) io.cache_row(k, key_row.data(), D, true);
             for (int64_t d = 0; d < D; ++d)
-              keys_t[d * kKeyChunk + c] = k != nullptr ? to_float(k[d]) : 0.0f;
+              keys_t[d * kKeyChunk + c] = k != nullptr ? key_row[d] : 0.0f;
           } else if (k != nullptr) {
-            to_float_row(k, key_rows.data() + c * D, D, to_float);
+            io.cache_row(k, key_rows.data() + c * D, D, true);
           }
         }
         i16 present_lo, present_hi;
@@ -307,13 +451,13 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
           }
         }
         for (int64_t c = 0; c < count; ++c) {
-          const T* v = present[c] ? value_ptr[c] : nullptr;
+          const C* v = present[c] ? value_ptr[c] : nullptr;
           float* vrow = value_rows.data() + c * D;
-          if (v == nullptr) {
+          if (v != nullptr) {
+            io.cache_row(v, vrow, D, false);
+          } else {
             std::fill(vrow, vrow + D, 0.0f);
-            continue;
           }
-          to_float_row(v, vrow, D, to_float);
         }
         // acc += P V, in 16-wide column blocks held in registers over the keys, with four
         // partial sums so consecutive keys do not wait on each other's FMA.
@@ -343,7 +487,7 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
         const float inv = running_sum[row] > 0.0f ? 1.0f / running_sum[row] : 0.0f;
         const float* acc_row = acc.data() + row * D;
         T* dst = out + (tile.first_token + i) * a.o_token + head * a.o_head + g * a.o_group;
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float(acc_row[d] * inv);
+        for (int64_t d = 0; d < D; ++d) dst[d] = io.output(acc_row[d] * inv);
       }
     }
   }
@@ -365,14 +509,17 @@ struct StoreArgs {
   int64_t num_tokens, run_heads, head_size, block_size, num_blocks, min_slot;
 };
 
-// Stores tokens [begin, end); returns false if a slot lies past the cache (not stored).
-inline bool store_rows(const StoreArgs& a, int64_t element_size, int64_t begin, int64_t end) {
+// Stores tokens [begin, end) through `put(dst_key_row, dst_value_row, src_key_row,
+// src_value_row)`, which copies or quantises one head's row pair; returns false if a slot
+// lies past the cache (not stored).
+template <typename Put>
+bool store_rows(const StoreArgs& a, int64_t source_size, int64_t cache_size, int64_t begin,
+                int64_t end, Put put) {
   bool ok = true;
   const auto* nk = static_cast<const char*>(a.new_keys);
   const auto* nv = static_cast<const char*>(a.new_values);
   auto* kc = static_cast<char*>(a.key_cache);
   auto* vc = static_cast<char*>(a.value_cache);
-  const int64_t bytes = a.head_size * element_size;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t slot = a.slots[t];
     if (slot < a.min_slot) continue;
@@ -383,13 +530,41 @@ inline bool store_rows(const StoreArgs& a, int64_t element_size, int64_t begin, 
     }
     for (int64_t i = 0; i < a.run_heads; ++i) {
       const int64_t head = a.heads[i];
-      std::memcpy(kc + (block * a.k_block + offset * a.k_slot + i * a.k_head) * element_size,
-                  nk + (t * a.nk_token + head * a.nk_head) * element_size, bytes);
-      std::memcpy(vc + (block * a.v_block + offset * a.v_slot + i * a.v_head) * element_size,
-                  nv + (t * a.nv_token + head * a.nv_head) * element_size, bytes);
+      put(kc + (block * a.k_block + offset * a.k_slot + i * a.k_head) * cache_size,
+          vc + (block * a.v_block + offset * a.v_slot + i * a.v_head) * cache_size,
+          nk + (t * a.nk_token + head * a.nk_head) * source_size,
+          nv + (t * a.nv_token + head * a.nv_head) * source_size);
     }
   }
   return ok;
+}
+
+// Rows in the cache's own dtype: a copy.
+inline bool store_rows(const StoreArgs& a, int64_t element_size, int64_t begin, int64_t end) {
+  const int64_t bytes = a.head_size * element_size;
+  return store_rows(a, element_size, element_size, begin, end,
+                    [bytes](char* k, char* v, const char* sk, const char* sv) {
+                      std::memcpy(k, sk, bytes);
+                      std::memcpy(v, sv, bytes);
+                    });
+}
+
+// Rows of T into an fp8 cache, quantised as vLLM's CPU backend does.
+template <typename T, typename ToFloat>
+bool store_rows_fp8(const StoreArgs& a, const Fp8Spec& spec, float key_inverse_scale,
+                    float value_inverse_scale, int64_t begin, int64_t end, ToFloat to_float) {
+  const int64_t n = a.head_size;
+  return store_rows(a, sizeof(T), 1, begin, end,
+                    [&](char* k, char* v, const char* sk, const char* sv) {
+                      auto* kd = reinterpret_cast<uint8_t*>(k);
+                      auto* vd = reinterpret_cast<uint8_t*>(v);
+                      const T* ks = reinterpret_cast<const T*>(sk);
+                      const T* vs = reinterpret_cast<const T*>(sv);
+                      for (int64_t d = 0; d < n; ++d) {
+                        kd[d] = quantize_fp8(to_float(ks[d]), key_inverse_scale, spec);
+                        vd[d] = quantize_fp8(to_float(vs[d]), value_inverse_scale, spec);
+                      }
+                    });
 }
 
 }  // namespace duo_cpu

@@ -9,6 +9,9 @@ from vllm_duo.errors import DuoConfigError
 
 # Llama-3-8B's attention per layer: 32 query heads over 8 KV heads of size 128.
 LLAMA3_8B_ATTENTION = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128}
+# vLLM's --kv-cache-dtype values the bench takes: the model's dtype, or fp8 (one byte).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,10 @@ class BenchConfig:
     dtype: str = "bfloat16"
     kv_cache_gib: float = 4.0
     seed: int = 0
+    kv_cache_dtype: str = "auto"
+    """DUO's KV cache dtype (vLLM's --kv-cache-dtype)."""
+    stock_kv_cache_dtype: str = "auto"
+    """The stock backend's KV cache dtype."""
 
     def __post_init__(self) -> None:
         if not self.contexts:
@@ -82,6 +89,12 @@ class BenchConfig:
             )
         if not (math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
             raise DuoConfigError(f"bench: --kv-cache-gib {self.kv_cache_gib} must be > 0")
+        for flag, value in (("--kv-cache-dtype", self.kv_cache_dtype),
+                            ("--stock-kv-cache-dtype", self.stock_kv_cache_dtype)):  # fmt: skip
+            if value not in KV_CACHE_DTYPES:
+                raise DuoConfigError(
+                    f"bench: {flag} {value!r} must be one of {', '.join(KV_CACHE_DTYPES)}"
+                )
 
     @property
     def max_model_len(self) -> int:
@@ -91,6 +104,18 @@ class BenchConfig:
     @property
     def kv_cache_bytes(self) -> int:
         return int(self.kv_cache_gib * (1 << 30))
+
+    def kv_element_bytes(self, kv_cache_dtype: str) -> int:
+        """Bytes per cached K or V element: the model dtype's for ``auto``, 1 for fp8."""
+        return _DTYPE_BYTES[self.dtype] if kv_cache_dtype == "auto" else 1
+
+    @property
+    def kv_dtype_gain(self) -> float:
+        """How many times fewer bytes DUO's cache dtype stores per element than stock's: it
+        multiplies every KV-bytes ideal (capacity, bytes held, bytes read per decode step)."""
+        return self.kv_element_bytes(self.stock_kv_cache_dtype) / self.kv_element_bytes(
+            self.kv_cache_dtype
+        )
 
 
 def ideal_decode_ratio(context: int, retrieval_fraction: float, sink: int, recent: int) -> float:

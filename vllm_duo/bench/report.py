@@ -33,8 +33,13 @@ def compare(
     retrieval_fraction: float,
     sink: int,
     recent: int,
+    kv_dtype_gain: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """One row per context length measured by both backends, with ratios and ideals."""
+    """One row per context length measured by both backends, with ratios and ideals.
+
+    ``kv_dtype_gain``: bytes per cached element of stock's cache dtype over DUO's (2 for
+    DUO with fp8 against stock in bf16); it multiplies the KV-bytes (decode) ideals.
+    """
     duo_by_context = {row["context"]: row for row in duo_rows}
     rows = []
     for stock in stock_rows:
@@ -43,7 +48,7 @@ def compare(
             continue
         context = stock["context"]
         ideals = {
-            "decode": ideal_decode_ratio(context, retrieval_fraction, sink, recent),
+            "decode": kv_dtype_gain * ideal_decode_ratio(context, retrieval_fraction, sink, recent),
             "prefill": ideal_prefill_ratio(context, retrieval_fraction, sink, recent),
         }
         row: dict[str, Any] = {"context": context, "stock": stock, "duo": duo}

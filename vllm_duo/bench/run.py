@@ -51,12 +51,14 @@ def random_pattern(directory: Path, num_layers: int, num_kv_heads: int, seed: in
 def _llm_kwargs(config: BenchConfig, backend: str) -> dict[str, Any]:
     on_gpu = _has_gpu()
     stock = None if on_gpu else "CPU_ATTN"
+    duo = backend == "duo"
     return {
-        "attention_backend": "DUO" if backend == "duo" else stock,
+        "attention_backend": "DUO" if duo else stock,
         "dtype": config.dtype,
         "max_model_len": config.max_model_len,
         "max_num_batched_tokens": max(config.max_num_batched_tokens, 16),
         "kv_cache_memory_bytes": config.kv_cache_bytes,
+        "kv_cache_dtype": config.kv_cache_dtype if duo else config.stock_kv_cache_dtype,
         "enable_prefix_caching": True,
         # Both backends run eagerly: graph capture is not what is being compared.
         "enforce_eager": True,

@@ -80,6 +80,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--dtype", default=defaults["dtype"],
                        choices=("bfloat16", "float16", "float32"),
                        help=f"model dtype (default {defaults['dtype']})")  # fmt: skip
+    for flag, side in (("kv_cache_dtype", "DUO's"), ("stock_kv_cache_dtype", "the stock")):
+        bench.add_argument(f"--{flag.replace('_', '-')}", default=defaults[flag],
+                           metavar="DTYPE", help=f"{side} KV cache dtype: auto (the model's), "
+                           f"fp8, fp8_e4m3 or fp8_e5m2 (default {defaults[flag]})")  # fmt: skip
     bench.set_defaults(handler=_cmd_bench)
 
 
@@ -100,7 +104,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         contexts=contexts, sparsity=args.sparsity, sink=args.sink, recent=args.recent,
         decode_tokens=8 if args.quick else args.decode_tokens, concurrency=args.concurrency,
         max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
-        kv_cache_gib=args.kv_cache_gib, seed=args.seed,
+        kv_cache_gib=args.kv_cache_gib, seed=args.seed, kv_cache_dtype=args.kv_cache_dtype,
+        stock_kv_cache_dtype=args.stock_kv_cache_dtype,
     )  # fmt: skip
     model = SyntheticModel(num_layers=args.num_layers, hidden_size=args.hidden_size,
                            intermediate_size=args.intermediate_size)  # fmt: skip
@@ -113,13 +118,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     meta = results["meta"]
     rows = report.compare(results["stock"], results["duo"],
                           retrieval_fraction=meta["retrieval_fraction"], sink=config.sink,
-                          recent=config.recent)  # fmt: skip
+                          recent=config.recent, kv_dtype_gain=config.kv_dtype_gain)  # fmt: skip
     shape = meta["model_shape"]
+    kv = ""
+    if (config.kv_cache_dtype, config.stock_kv_cache_dtype) != ("auto", "auto"):
+        kv = f", KV cache DUO {config.kv_cache_dtype} / stock {config.stock_kv_cache_dtype}"
     title = (
         f"DUO vs stock, {shape['num_layers']} layers x {shape['num_heads']}q/"
         f"{shape['num_kv_heads']}kv heads (d={shape['head_dim']}), sparsity {config.sparsity}, "
-        f"S={config.sink}, W={config.recent}, {config.dtype}; {meta['gpu'] or meta['machine']}, "
-        f"{meta['date']}"
+        f"S={config.sink}, W={config.recent}, {config.dtype}{kv}; "
+        f"{meta['gpu'] or meta['machine']}, {meta['date']}"
     )
     out(title)
     for line in report.table(rows):

@@ -143,6 +143,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="engine dtype (default bfloat16)",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        help="every engine's KV cache dtype, full attention's too (default auto: the model's)",
+    )
+    parser.add_argument(
         "--max-tokens",
         type=int,
         default=16,
@@ -285,6 +291,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         sink=args.sink,
         recent=args.recent,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         seed=args.seed,
         max_tokens=args.max_tokens,
     )

@@ -20,6 +20,8 @@ METHODS = ("full", "duo", "streaming", "random", "baseline")
 random: uniformly random gates; baseline: a second pattern (``--baseline``) run like duo."""
 
 PARTS = ("niah", "sweep", "agreement")
+# vLLM's --kv-cache-dtype values DUO serves: the model's dtype, or an fp8 format.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 """niah: heat maps at --sparsity; sweep: accuracy against sparsity; agreement: KL/top-1."""
 
 
@@ -63,6 +65,8 @@ class EvalConfig:
         agreement_windows: how many windows (different places in the text).
         sink, recent: S and W of the streaming heads.
         dtype: the engines' dtype.
+        kv_cache_dtype: every engine's KV cache dtype (vLLM's ``--kv-cache-dtype``): ``full``
+            is then the stock backend with the same cache.
         seed: seeds the cases, the random pattern and the text windows.
         max_tokens: tokens generated per answer (greedy).
     """
@@ -87,6 +91,7 @@ class EvalConfig:
     sink: int = 64
     recent: int = 256
     dtype: str = "bfloat16"
+    kv_cache_dtype: str = "auto"
     seed: int = 0
     max_tokens: int = 16
 
@@ -161,6 +166,11 @@ class EvalConfig:
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise DuoConfigError(
                 f"--dtype={self.dtype!r} is invalid: expected bfloat16, float16 or float32."
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise DuoConfigError(
+                f"--kv-cache-dtype={self.kv_cache_dtype!r} is invalid: expected one of "
+                f"{', '.join(KV_CACHE_DTYPES)}."
             )
 
     @staticmethod

@@ -143,6 +143,7 @@ def _llm_kwargs(config: EvalConfig, method: str) -> dict[str, Any]:
     return {
         "attention_backend": stock if method == "full" else "DUO",
         "dtype": config.dtype,
+        "kv_cache_dtype": config.kv_cache_dtype,
         "max_model_len": config.max_context,
         "kv_cache_memory_bytes": 1 << 30,
         "enable_prefix_caching": False,

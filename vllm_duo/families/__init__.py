@@ -40,7 +40,7 @@ def make_family(
 
         return CpuKernels(
             scale=scale, sink=sink, recent=recent, kv_cache_dtype=kv_cache_dtype, dtype=dtype,
-            require_native=choice == "native",
+            head_size=head_size, require_native=choice == "native",
         )  # fmt: skip
     from vllm_duo.families.gpu import GpuKernels
 

@@ -8,6 +8,11 @@ extension (:mod:`vllm_duo.cpu_ops`) per run, reading and writing the layer's que
 output in place. Where the extension is not built, the pure-torch path
 (:func:`vllm_duo.kernels.sink_window_torch.sink_window_attention_heads`) serves instead, on
 a slot plan made once per step and cache group.
+
+fp8 KV caches (``--kv-cache-dtype fp8|fp8_e4m3|fp8_e5m2``): retrieval heads go through vLLM's
+own fp8 support (its write and kernel take the dtype and the layer's scales); streaming heads
+write the same bytes vLLM would (:func:`vllm_duo.kernels.fp8.quantize_cpu`, in C++ or torch)
+and read them back with the same scales.
 """
 
 from __future__ import annotations
@@ -15,16 +20,36 @@ from __future__ import annotations
 import torch
 
 from vllm_duo import cpu_ops
-from vllm_duo._vllm import envs, ops
+from vllm_duo._vllm import cpu_attn_isa, envs, ops
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.families.base import GroupStep, KVScales, select_heads, store_heads
 from vllm_duo.head_layout import HeadRun
+from vllm_duo.kernels.fp8 import cache_format, quantize_cpu
 from vllm_duo.kernels.sink_window_torch import (
     StreamingPlan,
     plan_streaming,
     sink_window_attention_heads,
 )
 from vllm_duo.settings import ENV_KERNELS
+
+
+def _check_cpu_fp8(kv_cache_dtype: str, dtype: torch.dtype, head_size: int) -> None:
+    """Refuses an fp8 cache where vLLM's CPU attention (the retrieval heads' kernel) does.
+
+    vLLM decides when it picks its kernel's instruction set (x86 with AVX-512 or AMX, head
+    sizes divisible by 32); asking that same function keeps DUO's answer equal to the stock
+    backend's, at start-up instead of when the first cache group is built.
+    """
+    try:
+        # The block size only picks among instruction sets; any multiple of 32 asks the
+        # same fp8 questions.
+        cpu_attn_isa(dtype, 32, head_size, kv_cache_dtype)
+    except NotImplementedError as exc:
+        raise DuoConfigError(
+            f"--kv-cache-dtype {kv_cache_dtype} with --attention-backend DUO "
+            f"(head_size={head_size}): vLLM's CPU attention refuses it: {exc} "
+            "Use --kv-cache-dtype auto on this machine or model."
+        ) from exc
 
 
 class CpuKernels:
@@ -40,8 +65,12 @@ class CpuKernels:
         recent: int,
         kv_cache_dtype: str,
         dtype: torch.dtype,
+        head_size: int,
         require_native: bool = False,
     ) -> None:
+        self.kv_format = cache_format(kv_cache_dtype)
+        if self.kv_format is not None:
+            _check_cpu_fp8(kv_cache_dtype, dtype, head_size)
         self.native = cpu_ops.is_available()
         if require_native and not self.native:
             raise DuoConfigError(
@@ -78,7 +107,7 @@ class CpuKernels:
         if run.retrieval:
             self._retrieval(run, step, query, key, value, output, scales)
         else:
-            self._streaming(run, step, query, key, value, output)
+            self._streaming(run, step, query, key, value, output, scales)
 
     def _scheduler(
         self, step: GroupStep, num_kv_heads: int, group: int, head_size: int
@@ -143,29 +172,38 @@ class CpuKernels:
         key: torch.Tensor,
         value: torch.Tensor,
         output: torch.Tensor,
+        scales: KVScales,
     ) -> None:
         num_tokens = query.shape[0]
         block_size = run.cache.shape[2]
+        k_scale, v_scale = scales._k_scale_float, scales._v_scale_float
         # [num_blocks, block_size, heads, D]: one write and one gather cover all heads.
         key_cache, value_cache = run.keys, run.values
         if self.native:
             # Block 0 is vLLM's null block: chunk tokens that leave the window within
             # this step are mapped there and are not stored.
+            fp8 = {"kv_cache_dtype": self.kv_cache_dtype, "k_scale": k_scale, "v_scale": v_scale}
             cpu_ops.store_kv(key, value, run.index, step.slot_mapping, key_cache, value_cache,
-                             min_slot=block_size)  # fmt: skip
+                             min_slot=block_size, **fp8)  # fmt: skip
             cpu_ops.sink_window_attention(
                 query, key_cache, value_cache, run.index, step.block_table,
                 step.query_start_loc, step.seq_lens, key, value, sink=self.sink,
-                recent=self.recent, scale=self.scale, out=output,
+                recent=self.recent, scale=self.scale, out=output, **fp8,
             )  # fmt: skip
             return
         stored, blocks, offsets, plan = self._step_plan(step, block_size, num_tokens)
         new_keys, new_values = select_heads(key, run), select_heads(value, run)
-        key_cache[blocks, offsets] = new_keys[stored].to(key_cache.dtype)
-        value_cache[blocks, offsets] = new_values[stored].to(value_cache.dtype)
+        if self.kv_format is None:
+            key_cache[blocks, offsets] = new_keys[stored].to(key_cache.dtype)
+            value_cache[blocks, offsets] = new_values[stored].to(value_cache.dtype)
+        else:
+            key_cache[blocks, offsets] = quantize_cpu(new_keys[stored], self.kv_format, k_scale)
+            value_cache[blocks, offsets] = quantize_cpu(new_values[stored], self.kv_format,
+                                                        v_scale)  # fmt: skip
         out = sink_window_attention_heads(
             select_heads(query, run), key_cache, value_cache, plan, scale=self.scale,
-            new_keys=new_keys, new_values=new_values,
+            new_keys=new_keys, new_values=new_values, kv_format=self.kv_format,
+            k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip
         store_heads(output, run, out)
 

@@ -7,6 +7,12 @@ any sequence). Streaming heads: decode rows with the ``csrc/`` CUDA kernel where
 extension is built, else the Triton decode kernel; prefill chunks with the Triton prefill
 kernel, which reads a chunk's own keys from the step (their cache blocks may be null).
 
+fp8 KV caches (e4m3 only: the Triton and CUDA sink+window kernels read no e5m2): the step's
+keys/values are written as vLLM's CUDA kernels write them (:func:`vllm_duo.kernels.fp8.
+quantize_cuda`) and every kernel reads them with the layer's scales; retrieval heads then use
+this project's Triton kernel, since vLLM's FlashAttention and Triton unified attention take
+fp8 through descale tensors no test here can run (they need a CUDA build of vLLM).
+
 The builder asks vLLM to put decode requests first and prepares every index the kernels
 need from host copies vLLM already has, so ``forward_run`` only launches device work. On a
 CPU build of vLLM the same code runs with CPU tensors under Triton's interpreter
@@ -23,6 +29,7 @@ from vllm_duo.errors import DuoConfigError
 from vllm_duo.families.base import GroupStep, KVScales, select_heads, store_heads
 from vllm_duo.head_layout import HeadRun
 from vllm_duo.kernels import triton_sink_window as duo_triton
+from vllm_duo.kernels.fp8 import cache_format, dequantize, quantize_cuda
 from vllm_duo.settings import ENV_KERNELS
 
 FLASH_ATTN = "vLLM FlashAttention varlen"
@@ -148,6 +155,15 @@ class GpuKernels:
         self.retrieval_kernel, self.decode_kernel = pick_kernels(
             choice, device_type, dtype=dtype, head_size=head_size, block_size=block_size
         )
+        self.kv_format = cache_format(kv_cache_dtype)
+        if self.kv_format is not None:
+            if self.kv_format.name != "e4m3":
+                raise DuoConfigError(
+                    f"--kv-cache-dtype {kv_cache_dtype} with --attention-backend DUO: the GPU "
+                    "kernel family reads fp8 e4m3 caches only; use --kv-cache-dtype fp8 "
+                    "(e4m3) or auto."
+                )
+            self.retrieval_kernel = DUO_TRITON
         if device_type == "cpu" and not duo_triton.is_interpreted():
             raise DuoConfigError(
                 f"{ENV_KERNELS}=triton on CPU runs Triton's interpreter: set "
@@ -157,6 +173,7 @@ class GpuKernels:
         self.sink = sink
         self.recent = recent
         self.kv_cache_dtype = kv_cache_dtype
+        self._kv_scales: tuple[float | None, float | None] = (None, None)
 
     def describe(self) -> str:
         return (
@@ -180,7 +197,17 @@ class GpuKernels:
         # [num_blocks, block_size, heads, D]: the order vLLM's CUDA kernels and ours read.
         key_cache, value_cache = run.keys, run.values
         new_keys, new_values = select_heads(key, run), select_heads(value, run)
-        write_run(step, key_cache, value_cache, new_keys, new_values)
+        fmt, k_scale, v_scale = self.kv_format, scales._k_scale_float, scales._v_scale_float
+        if fmt is None:
+            write_run(step, key_cache, value_cache, new_keys, new_values)
+        else:
+            stored_keys = quantize_cuda(new_keys, fmt, k_scale)
+            stored_values = quantize_cuda(new_values, fmt, v_scale)
+            write_run(step, key_cache, value_cache, stored_keys, stored_values)
+            # The prefill kernel reads the step's keys as values: give it what the cache holds.
+            new_keys = dequantize(stored_keys, fmt, k_scale, query.dtype)
+            new_values = dequantize(stored_values, fmt, v_scale, query.dtype)
+        self._kv_scales = (k_scale, v_scale) if fmt is not None else (None, None)
 
         q = select_heads(query, run).reshape(num_tokens, heads * group, head_size)
         direct = run.head_range is not None
@@ -254,6 +281,7 @@ class GpuKernels:
                 q[:decodes], [run.cache[:, h : h + 1] for h in range(len(run.kv_heads))],
                 step.block_table[:decodes], step.seq_lens[:decodes], sink=self.sink,
                 recent=self.recent, scale=self.scale, out=out[:decodes],
+                k_scale=self._kv_scales[0] or 1.0, v_scale=self._kv_scales[1] or 1.0,
             )  # fmt: skip
             self._prefill_rows(step, q, key_cache, value_cache, new_keys, new_values, out)
             return
@@ -279,7 +307,7 @@ class GpuKernels:
             duo_triton.sink_window_decode_triton(
                 q[:decodes], key_cache, value_cache, step.block_table[:decodes],
                 step.seq_lens[:decodes], sink=sink, recent=recent, scale=self.scale,
-                out=out[:decodes],
+                out=out[:decodes], k_scale=self._kv_scales[0], v_scale=self._kv_scales[1],
             )  # fmt: skip
         self._prefill_rows(step, q, key_cache, value_cache, new_keys, new_values, out, sink, recent)
 
@@ -306,6 +334,7 @@ class GpuKernels:
             recent=self.recent if recent is None else recent, scale=self.scale,
             new_keys=None if new_keys is None else new_keys[rows],
             new_values=None if new_values is None else new_values[rows], out=out[rows],
+            k_scale=self._kv_scales[0], v_scale=self._kv_scales[1],
         )  # fmt: skip
 
 

@@ -9,15 +9,21 @@ batched matmuls instead of a Python loop over tiles.
 All streaming heads of a layer are computed together: they share the block table,
 so which slots to read is planned once per step (:func:`plan_streaming`) and reused
 by every head and every layer of the group.
+
+fp8 caches (bytes, see :mod:`vllm_duo.kernels.fp8`) are dequantised as rows are gathered,
+and the step's own keys/values go through the cache's quantisation first, so they read as
+they would from the cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from vllm_duo.kernels.fp8 import Fp8Format, dequantize, quantize_cpu
 
 # Keys (and values) materialised per batch of prefill tiles stay under this many elements.
 _KEY_BUDGET = 1 << 24
@@ -207,9 +213,11 @@ def _plan_prefill(
     )
 
 
-def _gather(cache: torch.Tensor, slots: _Slots) -> torch.Tensor:
+def _gather(
+    cache: torch.Tensor, slots: _Slots, read: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """[H, *slots.shape, D] rows of a [num_blocks, block_size, H, D] cache, all heads at once."""
-    return cache[slots.blocks, slots.offsets].movedim(-2, 0)
+    return read(cache[slots.blocks, slots.offsets]).movedim(-2, 0)
 
 
 def _step_rows(step: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -226,6 +234,9 @@ def sink_window_attention_heads(
     scale: float,
     new_keys: torch.Tensor | None = None,
     new_values: torch.Tensor | None = None,
+    kv_format: Fp8Format | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of H streaming KV heads over their paged caches.
 
@@ -241,6 +252,9 @@ def sink_window_attention_heads(
         scale: softmax scale.
         new_keys, new_values: [num_tokens, H, D], the step's keys/values; required
             when the plan reads keys from the step.
+        kv_format: the fp8 format of uint8 caches quantised by vLLM's CPU rule; None for
+            caches in the query's dtype.
+        k_scale, v_scale: the fp8 caches' scales.
 
     Returns:
         [num_tokens, H, G, D] in ``query.dtype``; rows past the scheduled tokens are zero.
@@ -252,16 +266,37 @@ def sink_window_attention_heads(
                 f"{name}: must be [num_blocks, block_size, H={num_heads}, D={head_dim}] "
                 f"for a query of {num_heads} KV heads, got {tuple(cache.shape)}"
             )
-    dtype = key_cache.dtype
-    if query.dtype != dtype or (new_keys is not None and new_keys.dtype != dtype):
-        raise TypeError(
-            f"query ({query.dtype}), step keys and caches ({dtype}) must share one dtype"
-        )
+    dtype = query.dtype
+    if new_keys is not None and new_keys.dtype != dtype:
+        raise TypeError(f"step keys ({new_keys.dtype}) must have the query's dtype ({dtype})")
+    if kv_format is None:
+        if key_cache.dtype != dtype:
+            raise TypeError(f"caches ({key_cache.dtype}) must have the query's dtype ({dtype})")
+
+        def read_keys(rows: torch.Tensor) -> torch.Tensor:
+            return rows
+
+        read_values = read_keys
+    else:
+        if key_cache.dtype != torch.uint8 or value_cache.dtype != torch.uint8:
+            raise TypeError(f"fp8 caches must hold uint8 bytes, got {key_cache.dtype}")
+
+        def read_keys(rows: torch.Tensor) -> torch.Tensor:
+            return dequantize(rows, kv_format, k_scale, dtype)
+
+        def read_values(rows: torch.Tensor) -> torch.Tensor:
+            return dequantize(rows, kv_format, v_scale, dtype)
+
+        # The step's keys/values as the cache would hold them.
+        if new_keys is not None and new_values is not None:
+            new_keys = read_keys(quantize_cpu(new_keys, kv_format, k_scale))
+            new_values = read_values(quantize_cpu(new_values, kv_format, v_scale))
     out = torch.zeros(num_tokens, num_heads, group, head_dim, dtype=dtype, device=query.device)
+    caches = (key_cache, value_cache, read_keys, read_values)
     if plan.decode is not None:
-        _decode(out, query, key_cache, value_cache, plan.decode, scale, new_keys, new_values)
+        _decode(out, query, *caches, plan.decode, scale, new_keys, new_values)
     for chunk in plan.prefill:
-        _prefill(out, query, key_cache, value_cache, chunk, scale, new_keys, new_values)
+        _prefill(out, query, *caches, chunk, scale, new_keys, new_values)
     return out
 
 
@@ -270,13 +305,15 @@ def _decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
+    read_keys: Callable[[torch.Tensor], torch.Tensor],
+    read_values: Callable[[torch.Tensor], torch.Tensor],
     plan: _DecodePlan,
     scale: float,
     new_keys: torch.Tensor | None,
     new_values: torch.Tensor | None,
 ) -> None:
-    k = _gather(key_cache, plan.slots)  # [H, R, S+W, D]
-    v = _gather(value_cache, plan.slots)
+    k = _gather(key_cache, plan.slots, read_keys)  # [H, R, S+W, D]
+    v = _gather(value_cache, plan.slots, read_values)
     if plan.own is not None:
         # The query's own key comes from the step: with W = 1 its block may not exist.
         assert new_keys is not None and new_values is not None
@@ -295,6 +332,8 @@ def _prefill(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
+    read_keys: Callable[[torch.Tensor], torch.Tensor],
+    read_values: Callable[[torch.Tensor], torch.Tensor],
     plan: _PrefillPlan,
     scale: float,
     new_keys: torch.Tensor | None,
@@ -304,13 +343,13 @@ def _prefill(
     step_rows = plan.sink_step_rows.numel() + plan.band_step_rows.numel()
     if step_rows and (new_keys is None or new_values is None):
         raise ValueError("this plan reads the chunk's keys from the step: pass new_keys/values")
-    dtype = key_cache.dtype
+    dtype = query.dtype
 
-    def keys(cache: torch.Tensor, step: torch.Tensor | None):
-        sink = [_gather(cache, plan.sink_cache)]
+    def keys(cache: torch.Tensor, step: torch.Tensor | None, read):
+        sink = [_gather(cache, plan.sink_cache, read)]
         run = torch.zeros(num_heads, plan.band_len, head_dim, dtype=dtype, device=query.device)
         cached = plan.band_cache.blocks.numel()
-        run[:, plan.band_lead : plan.band_lead + cached] = _gather(cache, plan.band_cache)
+        run[:, plan.band_lead : plan.band_lead + cached] = _gather(cache, plan.band_cache, read)
         if step is not None:
             sink.append(_step_rows(step, plan.sink_step_rows))
             stepped = plan.band_step_rows.numel()
@@ -324,8 +363,8 @@ def _prefill(
         )
         return torch.cat(sink, dim=1), bands
 
-    sink_k, band_k = keys(key_cache, new_keys)
-    sink_v, band_v = keys(value_cache, new_values)
+    sink_k, band_k = keys(key_cache, new_keys, read_keys)
+    sink_v, band_v = keys(value_cache, new_values, read_values)
     rows = slice(plan.first_row, plan.first_row + plan.num_queries)
     padded = plan.num_tiles * plan.tile
     q = torch.zeros(padded, num_heads, group, head_dim, dtype=dtype, device=query.device)
@@ -369,6 +408,9 @@ def sink_window_attention(
     new_keys: torch.Tensor | None = None,
     new_values: torch.Tensor | None = None,
     query_tile: int = 128,
+    kv_format: Fp8Format | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of one streaming KV head over its paged cache.
 
@@ -384,6 +426,7 @@ def sink_window_attention(
         new_keys, new_values: [num_tokens, D] keys/values of this step's tokens; when
             given they are read for positions of the current chunk instead of the cache.
         query_tile: prefill queries per tile.
+        kv_format, k_scale, v_scale: as :func:`sink_window_attention_heads`.
 
     Returns:
         [num_tokens, G, D] in ``query.dtype``; rows past ``query_start_loc[-1]`` are zero.
@@ -397,6 +440,7 @@ def sink_window_attention(
     if new_keys is not None:
         step = {"new_keys": new_keys[:, None], "new_values": new_values[:, None]}
     out = sink_window_attention_heads(
-        query[:, None], key_cache[:, :, None], value_cache[:, :, None], plan, scale=scale, **step
-    )
+        query[:, None], key_cache[:, :, None], value_cache[:, :, None], plan, scale=scale,
+        kv_format=kv_format, k_scale=k_scale, v_scale=v_scale, **step,
+    )  # fmt: skip
     return out[:, 0]
