@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vllm_duo"
 PURE = (
     "errors", "settings", "patterns", "reference", "head_layout", "tp_slots", "cpu_ops",
     "cuda_ops", "_build_cpu", "_build_cuda", "kernels", "testing", "evaluation",
-    "calibration",
+    "calibration", "worker_process",
 )  # fmt: skip
 # The worker a pure package starts in its own process to run vLLM (public API only).
 ENGINE_WORKERS = ("evaluation.worker",)

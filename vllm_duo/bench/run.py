@@ -6,10 +6,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +16,7 @@ from vllm_duo.bench.config import LLAMA3_8B_ATTENTION, BenchConfig, SyntheticMod
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.patterns import load_gates, select_retrieval
 from vllm_duo.settings import ENV_PATTERN, ENV_RECENT, ENV_SINK, ENV_SPARSITY
+from vllm_duo.worker_process import read_rows, run_worker
 
 BACKENDS = ("stock", "duo")
 
@@ -107,40 +104,22 @@ def _run_worker(
         )
     )
     log_path = out_dir / f"{backend}-{context}.log"
-    # vLLM's IPC socket paths must stay under 107 bytes, so the temp dir is short.
-    tmp = Path(tempfile.mkdtemp(prefix="vdb", dir="/tmp" if os.path.isdir("/tmp") else None))
-    try:
-        with open(log_path, "w", encoding="utf-8") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "vllm_duo.bench.worker", str(request), str(results)],
-                stdout=log, stderr=subprocess.STDOUT,
-                env=_worker_env(backend, pattern, config, tmp),
-            )  # fmt: skip
-            done = 0
-            while process.poll() is None:
-                time.sleep(1.0)
-                done = _advance(progress, results, done, backend)
-            _advance(progress, results, done, backend)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    rows = _read(results)
-    if process.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(
-            f"the {backend} benchmark process failed (exit {process.returncode}); "
-            f"log {log_path}, last lines:\n{tail}"
-        )
-    return rows
+    done = 0
 
+    def poll() -> None:
+        nonlocal done
+        done = _advance(progress, results, done, backend)
 
-def _read(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    run_worker(
+        "vllm_duo.bench.worker", [str(request), str(results)], log_path=log_path,
+        env_for=lambda tmp: _worker_env(backend, pattern, config, tmp), on_poll=poll,
+        what=f"{backend} benchmark process",
+    )  # fmt: skip
+    return read_rows(results)
 
 
 def _advance(progress: Any, results: Path, done: int, backend: str) -> int:
-    rows = [r for r in _read(results) if r["kind"] == "context"]
+    rows = [r for r in read_rows(results) if r["kind"] == "context"]
     if progress is not None and len(rows) > done:
         progress.update(len(rows) - done)
         progress.set_postfix_str(f"{backend} {rows[-1]['context']:,} tokens done")

@@ -16,9 +16,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +28,7 @@ from vllm_duo.evaluation.config import EvalConfig
 from vllm_duo.evaluation.passkey import PasskeyCase, build_cases
 from vllm_duo.patterns import load_gates
 from vllm_duo.settings import ENV_PATTERN, ENV_RECENT, ENV_SINK, ENV_SPARSITY
+from vllm_duo.worker_process import read_rows, run_worker
 
 __all__ = ["Job", "plan_jobs", "run_eval"]
 
@@ -172,12 +170,6 @@ def _env(job: Job, patterns: dict[str, Path], config: EvalConfig, tmp: Path) -> 
     return env
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: Any) -> dict:
     work = config.out / "work"
     hidden = work / "hidden"
@@ -206,43 +198,21 @@ def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: 
     results.unlink(missing_ok=True)
     request.write_text(text)
     log_path = config.out / "logs" / f"{job.tag}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    # vLLM's IPC socket paths must stay under 107 bytes, so the temp dir is short.
-    tmp = Path(tempfile.mkdtemp(prefix="vde", dir="/tmp" if os.path.isdir("/tmp") else None))
     started = time.time()
     done = 0
-    try:
-        with open(log_path, "w", encoding="utf-8") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "vllm_duo.evaluation.worker", str(request), str(results)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_env(job, patterns, config, tmp),
-            )
-            if progress is not None:
-                progress.set_postfix_str(job.tag)
-            try:
-                while process.poll() is None:
-                    time.sleep(1.0)
-                    done = _advance(progress, results, done)
-            finally:
-                # Interrupted (Ctrl-C, SIGTERM): do not leave the engine running alone.
-                if process.poll() is None:
-                    process.terminate()
-                    try:
-                        process.wait(timeout=15)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
-            _advance(progress, results, done)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    rows = _read(results)
-    if process.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(
-            f"the {job.tag} worker failed (exit {process.returncode}); log {log_path}, last "
-            f"lines:\n{tail}"
-        )
+    if progress is not None:
+        progress.set_postfix_str(job.tag)
+
+    def poll() -> None:
+        nonlocal done
+        done = _advance(progress, results, done)
+
+    run_worker(
+        "vllm_duo.evaluation.worker", [str(request), str(results)], log_path=log_path,
+        env_for=lambda tmp: _env(job, patterns, config, tmp), on_poll=poll,
+        what=f"{job.tag} worker",
+    )  # fmt: skip
+    rows = read_rows(results)
     engine = next(r for r in rows if r["kind"] == "engine")
     return {
         "rows": [r for r in rows if r["kind"] != "engine"],
@@ -255,7 +225,7 @@ def _finished(request: Path, results: Path, text: str, job: Job) -> dict | None:
     """The results of an identical request that completed earlier, else None."""
     if not request.exists() or request.read_text() != text:
         return None
-    rows = _read(results)
+    rows = read_rows(results)
     done = [r for r in rows if r["kind"] != "engine"]
     if len(done) != job.size or not all(Path(r["path"]).exists() for r in done if "path" in r):
         return None
@@ -264,7 +234,7 @@ def _finished(request: Path, results: Path, text: str, job: Job) -> dict | None:
 
 
 def _advance(progress: Any, results: Path, done: int) -> int:
-    count = sum(1 for r in _read(results) if r["kind"] != "engine")
+    count = sum(1 for r in read_rows(results) if r["kind"] != "engine")
     if progress is not None and count > done:
         progress.update(count - done)
     return count
