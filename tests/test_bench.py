@@ -33,6 +33,7 @@ BAD_CONFIGS = [
     ({"kv_cache_gib": 0.0}, "--kv-cache-gib 0.0"),
     ({"kv_cache_dtype": "int8"}, "--kv-cache-dtype 'int8' must be one of auto, fp8"),
     ({"stock_kv_cache_dtype": "fp4"}, "--stock-kv-cache-dtype 'fp4'"),
+    ({"rounds": 0}, "--rounds 0 must be an integer in"),
 ]
 
 
@@ -40,6 +41,23 @@ BAD_CONFIGS = [
 def test_bad_settings_name_the_flag(kwargs, named):
     with pytest.raises(DuoConfigError, match=named.replace("(", r"\(")):
         BenchConfig(**kwargs)
+
+
+def test_rounds_merge_to_the_median_of_each_number():
+    from vllm_duo.bench.run import median_rows
+
+    def rows(prefill, decode):
+        return [{"kind": "engine", "startup_s": 1.0},
+                {"kind": "context", "context": 4096, "prefill_s": prefill,
+                 "decode_s_per_token": decode, "decode_samples": 31}]  # fmt: skip
+
+    one = rows(2.0, 0.01)
+    assert median_rows([one]) is one
+    merged = median_rows([rows(2.0, 0.010), rows(4.0, 0.030), rows(3.0, 0.011)])
+    context = merged[1]
+    assert context["prefill_s"] == 3.0 and context["decode_s_per_token"] == 0.011
+    assert context["context"] == 4096 and context["decode_samples"] == 31
+    assert [r["prefill_s"] for r in context["rounds"]] == [2.0, 4.0, 3.0]
 
 
 def test_synthetic_model_rejects_zero_layers():

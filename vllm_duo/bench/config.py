@@ -53,6 +53,10 @@ class BenchConfig:
     """DUO's KV cache dtype (vLLM's --kv-cache-dtype)."""
     stock_kv_cache_dtype: str = "auto"
     """The stock backend's KV cache dtype."""
+    rounds: int = 1
+    """Engines per (context, backend), in the order stock, DUO, DUO, stock, ...: each metric is
+    the median over rounds, so a machine whose speed drifts during the run hits both sides
+    alike."""
 
     def __post_init__(self) -> None:
         if not self.contexts:
@@ -77,6 +81,8 @@ class BenchConfig:
                 f"bench: --decode-tokens {self.decode_tokens} must be >= 4 (the first decode "
                 "step is a warm-up and the median needs a few more)"
             )
+        if not isinstance(self.rounds, int) or not 1 <= self.rounds <= 10:
+            raise DuoConfigError(f"bench: --rounds {self.rounds!r} must be an integer in [1, 10]")
         if self.concurrency < 1:
             raise DuoConfigError(f"bench: --concurrency {self.concurrency} must be >= 1")
         if self.max_num_batched_tokens < 16:

@@ -87,10 +87,12 @@ def _run_worker(
     vocab_size: int,
     out_dir: Path,
     progress: Any,
+    round_index: int = 0,
 ) -> list[dict[str, Any]]:
-    results = out_dir / f"{backend}-{context}.jsonl"
+    tag = f"{backend}-{context}" + (f"-r{round_index}" if round_index else "")
+    results = out_dir / f"{tag}.jsonl"
     results.unlink(missing_ok=True)
-    request = out_dir / f"{backend}-{context}.request.json"
+    request = out_dir / f"{tag}.request.json"
     request.write_text(
         json.dumps(
             {
@@ -103,7 +105,7 @@ def _run_worker(
             }
         )
     )
-    log_path = out_dir / f"{backend}-{context}.log"
+    log_path = out_dir / f"{tag}.log"
     done = 0
 
     def poll() -> None:
@@ -161,17 +163,25 @@ def run_bench(
     if show_progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(BACKENDS) * len(config.contexts), desc="bench", unit="ctx")
+        progress = tqdm(total=len(BACKENDS) * len(config.contexts) * config.rounds, desc="bench",
+                        unit="ctx")  # fmt: skip
     started = time.time()
     try:
-        # One fresh engine per (context, backend), the backends alternating, so a change in
-        # the machine's load during a long run hits both sides of each ratio alike.
+        # One fresh engine per (context, backend, round), the backends alternating (stock,
+        # DUO, DUO, stock, ...), so a change in the machine's speed during a long run hits
+        # both sides of each ratio alike.
         results: dict[str, list[dict[str, Any]]] = {backend: [] for backend in BACKENDS}
         for context in config.contexts:
+            rounds: dict[str, list[list[dict[str, Any]]]] = {b: [] for b in BACKENDS}
+            for round_index in range(config.rounds):
+                order = BACKENDS if round_index % 2 == 0 else BACKENDS[::-1]
+                for backend in order:
+                    rounds[backend].append(_run_worker(
+                        backend, context, model_path, pattern, config,
+                        int(model_config["vocab_size"]), out_dir, progress, round_index,
+                    ))  # fmt: skip
             for backend in BACKENDS:
-                results[backend] += _run_worker(backend, context, model_path, pattern, config,
-                                                int(model_config["vocab_size"]), out_dir,
-                                                progress)  # fmt: skip
+                results[backend] += median_rows(rounds[backend])
     finally:
         if progress is not None:
             progress.close()
@@ -199,6 +209,26 @@ def run_bench(
         "meta": meta,
         **{b: [r for r in rows if r["kind"] == "context"] for b, rows in results.items()},
     }
+
+
+def median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of one (context, backend) over rounds: each number the median of its rounds.
+
+    ``rounds``: per round, the worker's rows (an engine row, then context rows). One round
+    is returned as it is; the merged context row records every round's numbers.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    for rows in zip(*rounds, strict=True):
+        row = dict(rows[0])
+        if row["kind"] == "context":
+            for key, value in rows[0].items():
+                if isinstance(value, float):
+                    row[key] = float(np.median([r[key] for r in rows]))
+            row["rounds"] = [dict(r) for r in rows]
+        merged.append(row)
+    return merged
 
 
 # The instruction sets that decide which CPU attention kernel runs (vLLM's AMX path needs

@@ -71,6 +71,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         ("max_num_batched_tokens", int, "T", "prefill chunk (tokens per step)", defaults),
         ("kv_cache_gib", float, "GIB", "KV cache of each engine", defaults),
         ("seed", int, "SEED", "prompt and pattern seed", defaults),
+        (
+            "rounds",
+            int,
+            "R",
+            "engines per context and backend, ordered stock, DUO, DUO, "
+            "stock, ...; each number is the median of the rounds",
+            defaults,
+        ),
         ("num_layers", int, "N", "synthetic model: layers", model_defaults),
         ("hidden_size", int, "H", "synthetic model: hidden width", model_defaults),
         ("intermediate_size", int, "I", "synthetic model: MLP width", model_defaults),
@@ -105,7 +113,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         decode_tokens=8 if args.quick else args.decode_tokens, concurrency=args.concurrency,
         max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
         kv_cache_gib=args.kv_cache_gib, seed=args.seed, kv_cache_dtype=args.kv_cache_dtype,
-        stock_kv_cache_dtype=args.stock_kv_cache_dtype,
+        stock_kv_cache_dtype=args.stock_kv_cache_dtype, rounds=args.rounds,
     )  # fmt: skip
     model = SyntheticModel(num_layers=args.num_layers, hidden_size=args.hidden_size,
                            intermediate_size=args.intermediate_size)  # fmt: skip
@@ -123,6 +131,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     kv = ""
     if (config.kv_cache_dtype, config.stock_kv_cache_dtype) != ("auto", "auto"):
         kv = f", KV cache DUO {config.kv_cache_dtype} / stock {config.stock_kv_cache_dtype}"
+    if config.rounds > 1:
+        kv += f", median of {config.rounds} rounds"
     title = (
         f"DUO vs stock, {shape['num_layers']} layers x {shape['num_heads']}q/"
         f"{shape['num_kv_heads']}kv heads (d={shape['head_dim']}), sparsity {config.sparsity}, "
