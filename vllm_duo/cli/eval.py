@@ -310,7 +310,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     meta["command"] = command
     title = (
         f"{model.name}, pattern {Path(pattern).name}, S={config.sink} W={config.recent}, "
-        f"{config.dtype}; {meta['machine']}; {meta['date']}"
+        f"{config.dtype}"
+        + (f", KV cache {config.kv_cache_dtype}" if config.kv_cache_dtype != "auto" else "")
+        + f"; {meta['machine']}; {meta['date']}"
     )
     out(title)
     for line in report.table(results, summary):
