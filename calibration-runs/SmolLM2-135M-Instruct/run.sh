@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The 1K-8K natural-text re-calibration of the default model's pattern, resumable across
+# sessions: run from anywhere; it continues the checkpoint in this folder (or starts one).
+# When it reaches --steps, copy full_attention_heads.tsv, config.json and model.json from
+# here to patterns/SmolLM2-135M-Instruct/ (after `vllm-duo eval` shows it holds better than
+# the bundled pattern and the attention-mass baseline on the held-out family).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+cd "$root"
+model="$HOME/.cache/vllm-duo/models/SmolLM2-135M-Instruct"
+[ -d "$model" ] || .venv/bin/python -m vllm_duo.default_model
+resume=()
+[ -f "$here/checkpoint.pt" ] && resume=(--resume)
+exec nice -n 19 .venv/bin/vllm-duo calibrate "$model" --out "$here" \
+    --steps 240 --min-len 1024 --max-len 8192 --length-dist log-uniform \
+    --haystack python-reference --passkeys 3 --save-every 5 \
+    --model-id HuggingFaceTB/SmolLM2-135M-Instruct "${resume[@]}"
