@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -219,3 +220,22 @@ def test_a_finished_job_is_reused_only_when_identical_and_complete(tmp_path):
     reused = _finished(request, results, "{}", job)
     assert reused is not None and [r["i"] for r in reused["rows"]] == [0, 1]
     assert _finished(request, results, '{"other": 1}', job) is None  # different request
+
+
+def test_a_job_with_other_gates_or_settings_is_not_reused(tmp_path):
+    """The reuse key covers what the worker gets through the environment: DUO's settings and
+    the gates themselves (a pattern rewritten in place must not reuse old answers)."""
+    from vllm_duo.evaluation.run import Job, _duo_settings, _pattern_digest
+
+    pattern = tmp_path / "p"
+    pattern.mkdir()
+    (pattern / "full_attention_heads.tsv").write_text("1\t0\n0\t1\n")
+    job, full = Job("duo", 0.5, "generate"), Job("full", None, "generate")
+    config = types.SimpleNamespace(sink=64, recent=256)
+    before = (_duo_settings(job, {"duo": pattern}, config), _pattern_digest(job, {"duo": pattern}))
+    (pattern / "full_attention_heads.tsv").write_text("1\t1\n0\t1\n")
+    after = (_duo_settings(job, {"duo": pattern}, config), _pattern_digest(job, {"duo": pattern}))
+    assert before[0] == after[0] and before[1] != after[1]
+    config.recent = 128
+    assert _duo_settings(job, {"duo": pattern}, config) != after[0]
+    assert _duo_settings(full, {}, config) == {} and _pattern_digest(full, {}) is None

@@ -12,6 +12,7 @@ Never imports vLLM: workers do (:mod:`vllm_duo.evaluation.worker`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -158,16 +159,28 @@ def _env(job: Job, patterns: dict[str, Path], config: EvalConfig, tmp: Path) -> 
         PYTHONUNBUFFERED="1",
         HF_HUB_OFFLINE="1",
     )
-    if job.method != "full":
-        env.update(
-            {
-                ENV_PATTERN: str(patterns[job.method]),
-                ENV_SPARSITY: repr(job.sparsity),
-                ENV_SINK: str(config.sink),
-                ENV_RECENT: str(config.recent),
-            }
-        )
+    env.update(_duo_settings(job, patterns, config))
     return env
+
+
+def _duo_settings(job: Job, patterns: dict[str, Path], config: EvalConfig) -> dict[str, str]:
+    """The VLLM_DUO_* variables of a job (none for full attention)."""
+    if job.method == "full":
+        return {}
+    return {
+        ENV_PATTERN: str(patterns[job.method]),
+        ENV_SPARSITY: repr(job.sparsity),
+        ENV_SINK: str(config.sink),
+        ENV_RECENT: str(config.recent),
+    }
+
+
+def _pattern_digest(job: Job, patterns: dict[str, Path]) -> str | None:
+    """A digest of the gates a job runs with: a rerun reuses answers only for the same gates."""
+    if job.method == "full":
+        return None
+    gates = Path(patterns[job.method]) / "full_attention_heads.tsv"
+    return hashlib.sha256(gates.read_bytes()).hexdigest() if gates.is_file() else None
 
 
 def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: Any) -> dict:
@@ -181,6 +194,8 @@ def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: 
         {
             "model": str(config.model),
             "llm_kwargs": _llm_kwargs(config, job.method),
+            "duo_env": _duo_settings(job, patterns, config),
+            "pattern_digest": _pattern_digest(job, patterns),
             "mode": job.mode,
             "prompts": prompts,
             "max_tokens": config.max_tokens,
