@@ -40,7 +40,7 @@ from vllm_duo._vllm import (
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.families import KernelFamily, family_name
 from vllm_duo.head_layout import HeadCacheRef, HeadRun, plan_runs
-from vllm_duo.settings import kernels_from_env
+from vllm_duo.settings import KV_CACHE_DTYPES, kernels_from_env
 from vllm_duo.streaming_cache import DuoStreamingSpec
 
 BACKEND_NAME = "DUO"
@@ -55,8 +55,8 @@ _GPU_MIN_CAPABILITY = (8, 0)
 # KV cache dtypes: on CPU those of vLLM's CPU backend (its kernel serves the retrieval heads,
 # and the streaming kernels quantise and read every fp8 format it writes); the GPU family's
 # Triton and CUDA sink+window kernels read fp8 e4m3 only.
-_CPU_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
-_GPU_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+_CPU_KV_CACHE_DTYPES = KV_CACHE_DTYPES
+_GPU_KV_CACHE_DTYPES = tuple(d for d in KV_CACHE_DTYPES if d != "fp8_e5m2")
 
 
 def _device_type() -> str:

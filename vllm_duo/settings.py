@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 from vllm_duo.errors import DuoConfigError
 
+# vLLM's --kv-cache-dtype values DUO serves on some platform: the model's dtype, or an fp8
+# format (which of them a platform takes: DuoAttentionBackend.kv_cache_dtypes).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+
 __all__ = [
     "DEFAULT_KERNELS",
     "DEFAULT_RECENT",

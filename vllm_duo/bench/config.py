@@ -6,11 +6,10 @@ import dataclasses
 import math
 
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.settings import KV_CACHE_DTYPES
 
 # Llama-3-8B's attention per layer: 32 query heads over 8 KV heads of size 128.
 LLAMA3_8B_ATTENTION = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128}
-# vLLM's --kv-cache-dtype values the bench takes: the model's dtype, or fp8 (one byte).
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 

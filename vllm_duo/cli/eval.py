@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vllm_duo.cli.common import flag_text, out, parse_token_counts, pattern_message
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.settings import KV_CACHE_DTYPES
 
 _DEFAULT_METHODS = "full,duo,streaming,random"
 
@@ -145,7 +146,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--kv-cache-dtype",
         default="auto",
-        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        choices=KV_CACHE_DTYPES,
         help="every engine's KV cache dtype, full attention's too (default auto: the model's)",
     )
     parser.add_argument(

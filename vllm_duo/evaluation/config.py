@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.evaluation.passkey import FAMILIES
+from vllm_duo.settings import KV_CACHE_DTYPES
 
 __all__ = ["METHODS", "PARTS", "EvalConfig", "default_depths", "default_lengths"]
 
@@ -20,8 +21,6 @@ METHODS = ("full", "duo", "streaming", "random", "baseline")
 random: uniformly random gates; baseline: a second pattern (``--baseline``) run like duo."""
 
 PARTS = ("niah", "sweep", "agreement")
-# vLLM's --kv-cache-dtype values DUO serves: the model's dtype, or an fp8 format.
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 """niah: heat maps at --sparsity; sweep: accuracy against sparsity; agreement: KL/top-1."""
 
 
