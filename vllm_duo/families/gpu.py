@@ -173,7 +173,6 @@ class GpuKernels:
         self.sink = sink
         self.recent = recent
         self.kv_cache_dtype = kv_cache_dtype
-        self._kv_scales: tuple[float | None, float | None] = (None, None)
 
     def describe(self) -> str:
         return (
@@ -207,7 +206,8 @@ class GpuKernels:
             # The prefill kernel reads the step's keys as values: give it what the cache holds.
             new_keys = dequantize(stored_keys, fmt, k_scale, query.dtype)
             new_values = dequantize(stored_values, fmt, v_scale, query.dtype)
-        self._kv_scales = (k_scale, v_scale) if fmt is not None else (None, None)
+        # The kernels' fp8 scales: None reads a cache in the model's dtype.
+        kv_scales = (k_scale, v_scale) if fmt is not None else (None, None)
 
         q = select_heads(query, run).reshape(num_tokens, heads * group, head_size)
         direct = run.head_range is not None
@@ -217,9 +217,11 @@ class GpuKernels:
             else torch.empty_like(q)
         )
         if run.retrieval:
-            self._retrieval(step, q, key_cache, value_cache, out)
+            self._retrieval(step, q, key_cache, value_cache, out, kv_scales)
         else:
-            self._streaming(run, step, q, key_cache, value_cache, new_keys, new_values, out)
+            self._streaming(
+                run, step, q, key_cache, value_cache, new_keys, new_values, out, kv_scales
+            )
         if not direct:
             store_heads(output, run, out.view(num_tokens, heads, group, head_size))
 
@@ -230,6 +232,7 @@ class GpuKernels:
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         out: torch.Tensor,
+        kv_scales: tuple[float | None, float | None],
     ) -> None:
         if self.retrieval_kernel == FLASH_ATTN:
             flash_attn = _flash_attn()
@@ -260,7 +263,7 @@ class GpuKernels:
         # the block table can address. Taken from shapes, not from the step's longest
         # sequence: a host value of the step would be frozen into a captured CUDA graph.
         window = step.block_table.shape[1] * key_cache.shape[1]
-        self._sink_window(step, q, key_cache, value_cache, None, None, out, 0, window)
+        self._sink_window(step, q, key_cache, value_cache, None, None, out, kv_scales, 0, window)
 
     def _streaming(
         self,
@@ -272,6 +275,7 @@ class GpuKernels:
         new_keys: torch.Tensor,
         new_values: torch.Tensor,
         out: torch.Tensor,
+        kv_scales: tuple[float | None, float | None],
     ) -> None:
         decodes = step.num_decodes
         # The extension takes blocks of 16..128 tokens; other block sizes use Triton's decode
@@ -281,13 +285,14 @@ class GpuKernels:
                 q[:decodes], [run.cache[:, h : h + 1] for h in range(len(run.kv_heads))],
                 step.block_table[:decodes], step.seq_lens[:decodes], sink=self.sink,
                 recent=self.recent, scale=self.scale, out=out[:decodes],
-                k_scale=self._kv_scales[0] or 1.0, v_scale=self._kv_scales[1] or 1.0,
+                k_scale=kv_scales[0] or 1.0, v_scale=kv_scales[1] or 1.0,
             )  # fmt: skip
-            self._prefill_rows(step, q, key_cache, value_cache, new_keys, new_values, out)
+            self._prefill_rows(
+                step, q, key_cache, value_cache, new_keys, new_values, out, kv_scales
+            )
             return
-        self._sink_window(
-            step, q, key_cache, value_cache, new_keys, new_values, out, self.sink, self.recent
-        )
+        self._sink_window(step, q, key_cache, value_cache, new_keys, new_values, out, kv_scales,
+                          self.sink, self.recent)  # fmt: skip
 
     def _sink_window(
         self,
@@ -298,6 +303,7 @@ class GpuKernels:
         new_keys: torch.Tensor | None,
         new_values: torch.Tensor | None,
         out: torch.Tensor,
+        kv_scales: tuple[float | None, float | None],
         sink: int,
         recent: int,
     ) -> None:
@@ -307,9 +313,10 @@ class GpuKernels:
             duo_triton.sink_window_decode_triton(
                 q[:decodes], key_cache, value_cache, step.block_table[:decodes],
                 step.seq_lens[:decodes], sink=sink, recent=recent, scale=self.scale,
-                out=out[:decodes], k_scale=self._kv_scales[0], v_scale=self._kv_scales[1],
+                out=out[:decodes], k_scale=kv_scales[0], v_scale=kv_scales[1],
             )  # fmt: skip
-        self._prefill_rows(step, q, key_cache, value_cache, new_keys, new_values, out, sink, recent)
+        self._prefill_rows(step, q, key_cache, value_cache, new_keys, new_values, out, kv_scales,
+                           sink, recent)  # fmt: skip
 
     def _prefill_rows(
         self,
@@ -320,6 +327,7 @@ class GpuKernels:
         new_keys: torch.Tensor | None,
         new_values: torch.Tensor | None,
         out: torch.Tensor,
+        kv_scales: tuple[float | None, float | None],
         sink: int | None = None,
         recent: int | None = None,
     ) -> None:
@@ -334,7 +342,7 @@ class GpuKernels:
             recent=self.recent if recent is None else recent, scale=self.scale,
             new_keys=None if new_keys is None else new_keys[rows],
             new_values=None if new_values is None else new_values[rows], out=out[rows],
-            k_scale=self._kv_scales[0], v_scale=self._kv_scales[1],
+            k_scale=kv_scales[0], v_scale=kv_scales[1],
         )  # fmt: skip
 
 
