@@ -36,6 +36,30 @@ def tiny_mha(tmp_path_factory) -> Path:
     return _tiny(tmp_path_factory, "tiny-mha", num_layers=4, num_heads=4, num_kv_heads=4, seed=1)
 
 
+def vllm_cpu_fp8_refusal() -> str | None:
+    """Why vLLM's CPU attention refuses an fp8 KV cache on this machine, or None.
+
+    vLLM 0.32 builds its CPU fp8 paths for x86 with AVX-512 or AMX only (an AVX2 CPU gets
+    "Unsupported CPU attention configuration" from its store and "requires x86 with AVX-512
+    or AMX" from its selector); tests of vLLM's fp8 bytes can only run where it takes them.
+    """
+    import torch
+
+    from vllm_duo._vllm import cpu_attn_isa
+
+    try:
+        cpu_attn_isa(torch.bfloat16, 32, 64, "fp8")
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
+needs_vllm_cpu_fp8 = pytest.mark.skipif(
+    vllm_cpu_fp8_refusal() is not None,
+    reason=f"vLLM's CPU attention takes no fp8 KV cache on this CPU: {vllm_cpu_fp8_refusal()}",
+)
+
+
 def write_pattern(directory: Path, gates: list[list[float]]) -> Path:
     """An upstream-format pattern directory holding ``gates``."""
     directory.mkdir(parents=True, exist_ok=True)

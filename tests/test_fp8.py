@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import needs_vllm_cpu_fp8
 
 from vllm_duo import cpu_ops
 from vllm_duo.errors import DuoConfigError
@@ -65,6 +66,7 @@ def _vllm_store(x: torch.Tensor, kv_cache_dtype: str, scale: float, isa: str = "
     return keys, value_cache[1:, 0].reshape(tokens, D)
 
 
+@needs_vllm_cpu_fp8
 @pytest.mark.parametrize(("kv_cache_dtype", "fmt"), FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_cpu_is_vllms_cpu_write_bit_for_bit(kv_cache_dtype, fmt, dtype):
@@ -78,6 +80,7 @@ def test_quantize_cpu_is_vllms_cpu_write_bit_for_bit(kv_cache_dtype, fmt, dtype)
         assert torch.equal(mine_blocks.sort(-1).values, keys.sort(-1).values), scale
 
 
+@needs_vllm_cpu_fp8
 def test_a_wrong_rounding_rule_is_caught():
     """The comparison above has teeth: round-to-nearest (vLLM's CUDA rule) and the
     reciprocal taken in float64 both disagree with vLLM's CPU bytes."""
@@ -94,6 +97,7 @@ def test_a_wrong_rounding_rule_is_caught():
 native = pytest.mark.skipif(not cpu_ops.is_available(), reason=f"{cpu_ops.load_error()}")
 
 
+@needs_vllm_cpu_fp8
 @native
 @pytest.mark.parametrize(("kv_cache_dtype", "fmt"), FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -121,6 +125,7 @@ def test_native_store_is_vllms_cpu_write_bit_for_bit(kv_cache_dtype, fmt, dtype)
         assert (keys[0] == 0x55).all(), "the null block was written"
 
 
+@needs_vllm_cpu_fp8
 @pytest.mark.parametrize(("kv_cache_dtype", "fmt"), [("fp8", E4M3), ("fp8_e5m2", E5M2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vllms_fp8_kernel_is_the_quantising_reference(kv_cache_dtype, fmt, dtype):

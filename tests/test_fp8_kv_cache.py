@@ -23,7 +23,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import run_engine, write_pattern
+from conftest import needs_vllm_cpu_fp8, run_engine, write_pattern
 
 from vllm_duo.kernels.fp8 import E4M3, E5M2
 from vllm_duo.patterns import load_gates, select_retrieval
@@ -104,8 +104,8 @@ def _layer_errors(calls: list[dict], retrieval: np.ndarray, quantisation) -> dic
 @pytest.mark.parametrize(
     ("kv_cache_dtype", "fmt", "scales", "family"),
     [
-        ("fp8", E4M3, (K_SCALES, V_SCALES), "cpu"),
-        ("fp8_e5m2", E5M2, None, "cpu"),
+        pytest.param("fp8", E4M3, (K_SCALES, V_SCALES), "cpu", marks=needs_vllm_cpu_fp8),
+        pytest.param("fp8_e5m2", E5M2, None, "cpu", marks=needs_vllm_cpu_fp8),
         ("fp8", E4M3, (K_SCALES, V_SCALES), "gpu"),
     ],
     ids=["e4m3-checkpoint-scales", "e5m2-default-scales", "gpu-family-interpreted-e4m3"],
@@ -147,6 +147,7 @@ def test_every_layer_matches_the_quantising_reference(
     assert "DuoAttention kernels" in run["log"]
 
 
+@needs_vllm_cpu_fp8
 def test_sparsity_zero_equals_stock_with_the_same_fp8_cache(tmp_path, tiny_gqa, pattern):
     prompts = _prompts([5, 120, 250], seed=40)
     kwargs = {"kv_cache_dtype": "fp8", "kv_scales": {"k": K_SCALES, "v": V_SCALES}}
@@ -170,6 +171,7 @@ def _logged_concurrency(log: str, tokens: int) -> float:
     return float(match.group(1))
 
 
+@needs_vllm_cpu_fp8
 def test_capacity_multiplies_fp8_and_duo_savings(tmp_path, tmp_path_factory, pattern):
     """vLLM's maximum concurrency, DUO + fp8 against stock with the default cache dtype, at
     equal KV memory: the two savings multiply (bf16 model: fp8 halves every page)."""
