@@ -234,60 +234,70 @@ inline std::vector<QueryTile> query_tiles(const SinkWindowArgs& a) {
   return tiles;
 }
 
-// 16 fp32 lanes as a GCC/Clang vector: kept in registers (one zmm with AVX-512, split by
-// the compiler on narrower ISAs). The unaligned alias type reads and writes float rows.
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+// fp32 lanes as a GCC/Clang vector as wide as the build machine's registers: 16 with
+// AVX-512, 8 otherwise. A 64-byte vector type on an AVX2 build is legal but GCC lowers it
+// through the stack (two thirds of this kernel's instructions were spills, 10x slower), so
+// the width follows the ISA. The unaligned alias type reads and writes float rows.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef float vfu __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+// Lane blocks per chunk of keys.
+constexpr int kChunkVecs = static_cast<int>(kKeyChunk) / kLanes;
+static_assert(kKeyChunk % kLanes == 0, "a key chunk is whole lane blocks");
 
-inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+inline vf loadv(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void storev(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
 
-inline float sum16(v16 x) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  const v8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-  return (q[0] + q[1]) + (q[2] + q[3]);
+inline float hsum(vf x) {
+  float lanes[kLanes];
+  storev(lanes, x);
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += lanes[i];
+  return s;
 }
 
-typedef int32_t i16 __attribute__((vector_size(64)));
+inline vf maxv(vf a, vf b) { return a > b ? a : b; }
 
-inline v16 max16(v16 a, v16 b) { return a > b ? a : b; }
-
-inline float hmax16(v16 x) {
-  float m = x[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+inline float hmax(vf x) {
+  float lanes[kLanes];
+  storev(lanes, x);
+  float m = lanes[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, lanes[i]);
   return m;
 }
 
-// exp of 16 lanes, each <= 0 or -inf, as exp_nonpositive below (same polynomial).
-inline v16 exp16_nonpositive(v16 x) {
-  const i16 tiny = x < -87.0f;
-  x = max16(x, v16{} - 87.0f);
+// exp of each lane, each <= 0 or -inf, as exp_nonpositive above (same polynomial).
+inline vf expv_nonpositive(vf x) {
+  const vi tiny = x < -87.0f;
+  x = maxv(x, vf{} - 87.0f);
   // Round to nearest by adding and removing 1.5 * 2^23 (|x * log2e| < 2^22 here).
-  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  v16 poly = r * (1.0f / 720.0f) + 1.0f / 120.0f;
+  const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  vf poly = r * (1.0f / 720.0f) + 1.0f / 120.0f;
   poly = poly * r + 1.0f / 24.0f;
   poly = poly * r + 1.0f / 6.0f;
   poly = poly * r + 0.5f;
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
-  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  return reinterpret_cast<const v16&>(bits) * poly * (tiny ? 0.0f : 1.0f + v16{});
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return reinterpret_cast<const vf&>(bits) * poly * (tiny ? 0.0f : 1.0f + vf{});
 }
 
 // Dot product of two fp32 rows of length n (a multiple of 16), two independent chains.
 inline float dot_product(const float* a, const float* b, int64_t n) {
-  v16 even = {}, odd = {};
+  vf even = {}, odd = {};
   int64_t d = 0;
-  for (; d + 32 <= n; d += 32) {
-    even += load16(a + d) * load16(b + d);
-    odd += load16(a + d + 16) * load16(b + d + 16);
+  for (; d + 2 * kLanes <= n; d += 2 * kLanes) {
+    even += loadv(a + d) * loadv(b + d);
+    odd += loadv(a + d + kLanes) * loadv(b + d + kLanes);
   }
-  if (d < n) even += load16(a + d) * load16(b + d);
-  return sum16(even + odd);
+  for (; d < n; d += kLanes) even += loadv(a + d) * loadv(b + d);
+  return hsum(even + odd);
 }
 
 // Attention of work items [begin, end) of `tiles` x run heads (item = tile * run_heads +
@@ -372,8 +382,8 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
     const int64_t sink_end = std::min(a.sink, pos1 + 1);
     const int64_t window_start = std::max(a.sink, pos0 - a.recent + 1);
     const int64_t ranges[2][2] = {{0, sink_end}, {window_start, pos1 + 1}};
-    const i16 lane_lo = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const i16 lane_hi = lane_lo + 16;
+    vi lane_index;
+    for (int i = 0; i < kLanes; ++i) lane_index[i] = i;
     for (int in_window = 0; in_window < 2; ++in_window) {
       const auto& range = ranges[in_window];
       for (int64_t j0 = range[0]; j0 < range[1]; j0 += kKeyChunk) {
@@ -394,27 +404,27 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
             io.cache_row(k, key_rows.data() + c * D, D, true);
           }
         }
-        i16 present_lo, present_hi;
-        for (int c = 0; c < 16; ++c) {
-          present_lo[c] = present[c] ? -1 : 0;
-          present_hi[c] = present[c + 16] ? -1 : 0;
+        vi present_mask[kChunkVecs];
+        for (int v = 0; v < kChunkVecs; ++v) {
+          int32_t lanes[kLanes];
+          for (int i = 0; i < kLanes; ++i) lanes[i] = present[v * kLanes + i] ? -1 : 0;
+          std::memcpy(&present_mask[v], lanes, sizeof(lanes));
         }
         for (int64_t row = 0; row < rows; ++row) {
           const float* qrow = q.data() + row * D;
           float dots[kKeyChunk] = {};
           if (transposed) {
-            // Keys 0-15 and 16-31, even and odd d: four independent FMA chains.
-            v16 lo_even = {}, hi_even = {}, lo_odd = {}, hi_odd = {};
+            // Every lane block of the chunk's keys, even and odd d: independent FMA chains.
+            vf even[kChunkVecs] = {}, odd[kChunkVecs] = {};
             for (int64_t d = 0; d < D; d += 2) {
               const float* k0 = keys_t.data() + d * kKeyChunk;
               const float* k1 = k0 + kKeyChunk;
-              lo_even += qrow[d] * load16(k0);
-              hi_even += qrow[d] * load16(k0 + 16);
-              lo_odd += qrow[d + 1] * load16(k1);
-              hi_odd += qrow[d + 1] * load16(k1 + 16);
+              for (int v = 0; v < kChunkVecs; ++v) {
+                even[v] += qrow[d] * loadv(k0 + v * kLanes);
+                odd[v] += qrow[d + 1] * loadv(k1 + v * kLanes);
+              }
             }
-            store16(dots, lo_even + lo_odd);
-            store16(dots + 16, hi_even + hi_odd);
+            for (int v = 0; v < kChunkVecs; ++v) storev(dots + v * kLanes, even[v] + odd[v]);
           } else {
             for (int64_t c = 0; c < count; ++c) {
               if (!present[c]) continue;
@@ -428,26 +438,34 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
           const int32_t lo = in_window ? static_cast<int32_t>(std::clamp<int64_t>(
                                              pos - a.recent + 1 - j0, 0, kKeyChunk))
                                        : 0;
-          const v16 neg_inf = v16{} + kNegInf;
-          v16 s0 = load16(dots), s1 = load16(dots + 16);
-          s0 = (lane_lo >= lo) & (lane_lo < hi) & present_lo ? s0 : neg_inf;
-          s1 = (lane_hi >= lo) & (lane_hi < hi) & present_hi ? s1 : neg_inf;
+          const vf neg_inf = vf{} + kNegInf;
+          vf s[kChunkVecs];
+          vf block_max = neg_inf;
+          for (int v = 0; v < kChunkVecs; ++v) {
+            const vi lane = lane_index + v * kLanes;
+            s[v] = (lane >= lo) & (lane < hi) & present_mask[v] ? loadv(dots + v * kLanes)
+                                                                : neg_inf;
+            block_max = maxv(block_max, s[v]);
+          }
           float* out_p = scores.data() + row * kKeyChunk;
-          const float chunk_max = std::max(running_max[row], hmax16(max16(s0, s1)));
+          const float chunk_max = std::max(running_max[row], hmax(block_max));
           if (chunk_max == kNegInf) {
-            store16(out_p, v16{});
-            store16(out_p + 16, v16{});
+            for (int v = 0; v < kChunkVecs; ++v) storev(out_p + v * kLanes, vf{});
             continue;
           }
           const float rescale = exp_nonpositive(running_max[row] - chunk_max);
-          const v16 p0 = exp16_nonpositive(s0 - chunk_max), p1 = exp16_nonpositive(s1 - chunk_max);
-          store16(out_p, p0);
-          store16(out_p + 16, p1);
+          vf total = {};
+          for (int v = 0; v < kChunkVecs; ++v) {
+            const vf p = expv_nonpositive(s[v] - chunk_max);
+            storev(out_p + v * kLanes, p);
+            total += p;
+          }
           running_max[row] = chunk_max;
-          running_sum[row] = running_sum[row] * rescale + sum16(p0 + p1);
+          running_sum[row] = running_sum[row] * rescale + hsum(total);
           if (rescale != 1.0f) {
             float* acc_row = acc.data() + row * D;
-            for (int64_t d = 0; d < D; d += 16) store16(acc_row + d, load16(acc_row + d) * rescale);
+            for (int64_t d = 0; d < D; d += kLanes)
+              storev(acc_row + d, loadv(acc_row + d) * rescale);
           }
         }
         for (int64_t c = 0; c < count; ++c) {
@@ -459,24 +477,23 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
             std::fill(vrow, vrow + D, 0.0f);
           }
         }
-        // acc += P V, in 16-wide column blocks held in registers over the keys, with four
+        // acc += P V, in lane-wide column blocks held in registers over the keys, with four
         // partial sums so consecutive keys do not wait on each other's FMA.
-        constexpr int64_t kCols = 16;
         for (int64_t row = 0; row < rows; ++row) {
           const float* p = scores.data() + row * kKeyChunk;
           float* acc_row = acc.data() + row * D;
-          for (int64_t d0 = 0; d0 < D; d0 += kCols) {
-            v16 part0 = {}, part1 = {}, part2 = {}, part3 = {};
+          for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
+            vf part0 = {}, part1 = {}, part2 = {}, part3 = {};
             const float* vcol = value_rows.data() + d0;
             int64_t c = 0;
             for (; c + 4 <= count; c += 4) {
-              part0 += p[c] * load16(vcol + c * D);
-              part1 += p[c + 1] * load16(vcol + (c + 1) * D);
-              part2 += p[c + 2] * load16(vcol + (c + 2) * D);
-              part3 += p[c + 3] * load16(vcol + (c + 3) * D);
+              part0 += p[c] * loadv(vcol + c * D);
+              part1 += p[c + 1] * loadv(vcol + (c + 1) * D);
+              part2 += p[c + 2] * loadv(vcol + (c + 2) * D);
+              part3 += p[c + 3] * loadv(vcol + (c + 3) * D);
             }
-            for (; c < count; ++c) part0 += p[c] * load16(vcol + c * D);
-            store16(acc_row + d0, load16(acc_row + d0) + ((part0 + part1) + (part2 + part3)));
+            for (; c < count; ++c) part0 += p[c] * loadv(vcol + c * D);
+            storev(acc_row + d0, loadv(acc_row + d0) + ((part0 + part1) + (part2 + part3)));
           }
         }
       }
