@@ -54,9 +54,10 @@ def vllm_cpu_fp8_refusal() -> str | None:
     return None
 
 
+_FP8_REFUSAL = vllm_cpu_fp8_refusal()
 needs_vllm_cpu_fp8 = pytest.mark.skipif(
-    vllm_cpu_fp8_refusal() is not None,
-    reason=f"vLLM's CPU attention takes no fp8 KV cache on this CPU: {vllm_cpu_fp8_refusal()}",
+    _FP8_REFUSAL is not None,
+    reason=f"vLLM's CPU attention takes no fp8 KV cache on this CPU: {_FP8_REFUSAL}",
 )
 
 

@@ -235,9 +235,9 @@ inline std::vector<QueryTile> query_tiles(const SinkWindowArgs& a) {
 }
 
 // fp32 lanes as a GCC/Clang vector as wide as the build machine's registers: 16 with
-// AVX-512, 8 otherwise. A 64-byte vector type on an AVX2 build is legal but GCC lowers it
-// through the stack (two thirds of this kernel's instructions were spills, 10x slower), so
-// the width follows the ISA. The unaligned alias type reads and writes float rows.
+// AVX-512, 8 otherwise. A 64-byte vector type on an AVX2 build is legal but GCC moves it
+// through the stack (8% of the attention loop's instructions were vector stack moves, and
+// the op ran 12x slower), so the width follows the ISA. The unaligned alias type reads and writes float rows.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #else
@@ -322,6 +322,8 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
   const S* new_values = static_cast<const S*>(a.new_values);
   T* out = static_cast<T*>(a.out);
   bool ok = true;
+  vi lane_index;
+  for (int i = 0; i < kLanes; ++i) lane_index[i] = i;
 
   for (int64_t item = begin; item < end; ++item) {
     const QueryTile& tile = tiles[item / a.run_heads];
@@ -382,8 +384,6 @@ bool sink_window_tiles(const SinkWindowArgs& a, const std::vector<QueryTile>& ti
     const int64_t sink_end = std::min(a.sink, pos1 + 1);
     const int64_t window_start = std::max(a.sink, pos0 - a.recent + 1);
     const int64_t ranges[2][2] = {{0, sink_end}, {window_start, pos1 + 1}};
-    vi lane_index;
-    for (int i = 0; i < kLanes; ++i) lane_index[i] = i;
     for (int in_window = 0; in_window < 2; ++in_window) {
       const auto& range = ranges[in_window];
       for (int64_t j0 = range[0]; j0 < range[1]; j0 += kKeyChunk) {
