@@ -177,13 +177,13 @@ def main() -> None:
                         head_size=args.head_size)  # fmt: skip
     if args.torch_path:
         family.native = False
-    from vllm_duo.bench.run import machine_description
+    from vllm_duo.machine import cpu_description
 
     print(f"one layer, {args.kv_heads * args.group}q/{args.kv_heads}kv heads "
           f"d={args.head_size} bf16, KV cache {args.kv_cache_dtype}, {args.retrieval} retrieval "
           f"heads, {args.requests} request(s), "
           f"S={args.sink} W={args.recent}, threads={torch.get_num_threads()}, isa={isa}, "
-          f"{machine_description()}, streaming: "
+          f"{cpu_description()}, streaming: "
           f"{'C++ op' if family.native else 'torch'} (least of {args.repeats})")  # fmt: skip
     print(f"{'context':>8} {'phase':>8} {'stock ms':>10} {'DUO ms':>10} {'DUO/stock':>10}")
     phases = ("decode", "prefill") if args.phase == "both" else (args.phase,)

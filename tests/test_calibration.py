@@ -280,6 +280,15 @@ def test_resume_reaches_the_same_gates_as_an_uninterrupted_run(tiny2, tmp_path):
     assert not torch.equal(a["gates"], torch.ones_like(a["gates"]))  # training did something
     np.testing.assert_array_equal(load_gates(straight), load_gates(resumed))
 
+    # model.json says how to repeat the run and where its time went, stretch by stretch.
+    made = json.loads((resumed / "model.json").read_text())["calibration"]
+    assert made["steps"] == made["steps_timed"] == 6
+    assert [s["steps"] for s in made["stretches"]] == ["1-3", "4-6"]
+    assert made["seconds_timed"] == pytest.approx(sum(s["seconds"] for s in made["stretches"]))
+    assert made["command"].startswith(f"vllm-duo calibrate {tiny2} --out {tmp_path / 'resumed'}")
+    assert " --steps 6 " in made["command"] and "--resume" not in made["command"]
+    assert " --sink 4 " in made["command"] and "--reg" not in made["command"]  # defaults left out
+
     # A resumed run must keep the settings that define the optimisation.
     with pytest.raises(DuoConfigError, match=r"--lr=0\.1 but this run has --lr=0\.2"):
         calibrate(_config(tiny2, tmp_path / "resumed", steps=8, resume=True, lr=0.2))
@@ -287,6 +296,15 @@ def test_resume_reaches_the_same_gates_as_an_uninterrupted_run(tiny2, tmp_path):
         calibrate(_config(tiny2, tmp_path / "resumed", steps=8))
     with pytest.raises(DuoConfigError, match="--steps=4 is below the 6 steps"):
         calibrate(_config(tiny2, tmp_path / "resumed", steps=4, resume=True))
+
+
+def test_command_line_writes_home_as_tilde_and_quotes_the_rest():
+    config = CalibrationConfig(
+        model=Path.home() / "models" / "m", out=Path("/tmp/a b"), steps=7, model_id="org/m"
+    )
+    assert config.command() == (
+        "vllm-duo calibrate ~/models/m --out '/tmp/a b' --steps 7 --model-id org/m"
+    )
 
 
 @pytest.mark.parametrize(
@@ -348,7 +366,10 @@ def test_attention_mass_writes_a_ranked_pattern(tiny2, tmp_path, capsys):
     assert gates.shape == (2, 2) and gates.max() == pytest.approx(1.0) and gates.min() >= 0
     record = json.loads((out / "config.json").read_text())
     assert record["supervision"] == "attention-mass" and record["haystack"] == "python-reference"
-    assert "far attention mass" in json.loads((out / "model.json").read_text())["source"]
+    meta = json.loads((out / "model.json").read_text())
+    assert "far attention mass" in meta["source"]
+    assert meta["calibration"]["prompts"] == meta["calibration"]["prompts_timed"] == 2
+    assert "--method attention-mass" in meta["calibration"]["command"]
     assert not (out / CHECKPOINT_FILE).exists()
 
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vllm_duo"
 # The algorithm, kernels and their Python APIs: never vLLM (DESIGN.md section 4).
 PURE = (
     "errors", "settings", "patterns", "reference", "head_layout", "tp_slots", "cpu_ops",
-    "cuda_ops", "_build_cpu", "_build_cuda", "kernels", "testing", "evaluation",
+    "cuda_ops", "_build_cpu", "_build_cuda", "kernels", "testing", "evaluation", "machine",
     "calibration", "worker_process",
 )  # fmt: skip
 # The worker a pure package starts in its own process to run vLLM (public API only).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 
 from vllm_duo.bench.config import LLAMA3_8B_ATTENTION, BenchConfig, SyntheticModel
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.machine import cpu_description
 from vllm_duo.patterns import load_gates, select_retrieval
 from vllm_duo.settings import ENV_PATTERN, ENV_RECENT, ENV_SINK, ENV_SPARSITY
 from vllm_duo.worker_process import read_rows, run_worker
@@ -198,7 +198,7 @@ def run_bench(
         },
         "pattern": str(pattern),
         "retrieval_fraction": float(retrieval.mean()),
-        "machine": machine_description(),
+        "machine": cpu_description(),
         "gpu": _gpu_name(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "wall_s": time.time() - started,
@@ -229,27 +229,6 @@ def median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             row["rounds"] = [dict(r) for r in rows]
         merged.append(row)
     return merged
-
-
-# The instruction sets that decide which CPU attention kernel runs (vLLM's AMX path needs
-# amx_bf16; its vectorised path uses AVX-512 where present): results differ by them.
-CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
-
-
-def machine_description() -> str:
-    """E.g. 'AMD EPYC, 2 CPUs, flags avx512_bf16 avx512f avx2' (from /proc/cpuinfo)."""
-    model = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    present = [flag for flag in CPU_FLAGS if flag in flags] or ["none of " + "/".join(CPU_FLAGS)]
-    return f"{model}, {os.cpu_count()} CPUs, flags {' '.join(present)}"
 
 
 def _gpu_name() -> str | None:

@@ -17,6 +17,7 @@ Pure module: torch and transformers, never vLLM.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,7 @@ def score_heads(
     dtype: Any,
     device: str = "cpu",
     progress: bool = False,
+    step_seconds: list[list[float]] | None = None,
 ) -> torch.Tensor:
     """Far-mass gates in [0, 1] for a model, from ``prompts`` calibration prompts.
 
@@ -138,6 +140,7 @@ def score_heads(
             ``dataset.batch(i, 1)`` (the prompts step i of a calibration would train on).
         prompts: how many prompts to score.
         shape: ``num_layers`` and ``num_kv_heads`` of the model.
+        step_seconds: if given, gets ``[prompt_length, seconds]`` of every prompt.
 
     Returns:
         [num_layers, num_kv_heads] float32 gates: the mean far mass over the largest one.
@@ -154,10 +157,13 @@ def score_heads(
         if getattr(module, "layer_idx", None) is not None and hasattr(module, "k_proj"):
             setattr(module, RECORDER_ATTR, recorder)
     for step in tqdm(range(prompts), disable=not progress, desc="attention mass"):
+        began = time.perf_counter()
         (sample,) = dataset.batch(step, 1)
         ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
         recorder.rows = torch.tensor(sample.loss_positions, device=device)
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
+        if step_seconds is not None:
+            step_seconds.append([len(sample.input_ids), round(time.perf_counter() - began, 3)])
     scores = recorder.scores().float()
     return scores / scores.max().clamp(min=1e-12)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_duo.calibration import record as run_record
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.patterns import GATES_FILE, MODEL_FILE
 
@@ -217,6 +218,11 @@ class CalibrationConfig:
         data["model"] = str(self.model)
         data["out"] = str(self.out)
         return data
+
+    def command(self) -> str:
+        """The ``vllm-duo calibrate`` command line that makes these settings."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return run_record.command_line(self.to_dict(), defaults)
 
     def check_paths(self) -> None:
         """Validate the model and output directories (before anything is loaded).
@@ -428,6 +434,7 @@ def _save_checkpoint(
     optimizer: Any,
     step: int,
     losses: list[float],
+    stretches: list[dict[str, Any]],
     config: CalibrationConfig,
 ) -> None:
     """Write the checkpoint atomically (temporary file + rename)."""
@@ -440,6 +447,7 @@ def _save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "rng": _rng_state(config.device),
         "losses": list(losses),
+        "stretches": stretches,
         "args": config.to_dict(),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -513,6 +521,7 @@ def _write_pattern(
     steps_done: int,
     losses: list[float],
     seconds_per_step: float | None,
+    stretches: list[dict[str, Any]],
 ) -> None:
     """Write full_attention_heads.tsv, config.json and model.json into ``config.out``."""
     values = gates.detach().float().cpu().tolist()
@@ -589,6 +598,9 @@ def _write_pattern(
         "shape": shape,
         "recommended_sparsity": 0.5,
         "source": source,
+        "calibration": run_record.summary(
+            command=config.command(), steps=steps_done, unit=unit, stretches=stretches
+        ),
     }
     (config.out / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -657,6 +669,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
 
     start = 0
     losses: list[float] = []
+    stretches: list[dict[str, Any]] = []
     if payload is not None:
         with torch.no_grad():
             gates.copy_(payload["gates"].to(device))
@@ -664,6 +677,8 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
         _set_rng_state(payload["rng"], config.device)
         start = int(payload["step"])
         losses = [float(x) for x in payload["losses"]]
+        # Checkpoints from before the time record have none: their steps count as untimed.
+        stretches = list(payload.get("stretches", []))
         logger.info("resuming %s at step %d of %d", checkpoint_path, start, config.steps)
     config.out.mkdir(parents=True, exist_ok=True)
 
@@ -689,6 +704,8 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
         dynamic_ncols=True,
         mininterval=1.0,
     )
+    stretch = run_record.new_stretch(start)
+    stretches.append(stretch)
     began = time.perf_counter()
     # Step times and lengths since the last checkpoint, for the log (cost grows with length).
     window: list[tuple[int, float]] = []
@@ -718,6 +735,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
 
             losses.append(float(loss.detach()))
             window.append((ids.shape[1], time.perf_counter() - step_began))
+            stretch["step_seconds"].append([ids.shape[1], round(window[-1][1], 3)])
             distill_value = float(distill.detach())
             done = step + 1
             mean, below = _gate_stats(gates)
@@ -737,6 +755,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
                     optimizer=optimizer,
                     step=done,
                     losses=losses,
+                    stretches=stretches,
                     config=config,
                 )
                 logger.info(
@@ -768,6 +787,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
         steps_done=config.steps,
         losses=losses,
         seconds_per_step=seconds_per_step,
+        stretches=stretches,
     )
     logger.info("pattern written to %s", config.out)
     return config.out
@@ -780,11 +800,13 @@ def _attention_mass(
     from vllm_duo.calibration.attention_mass import score_heads
 
     config.out.mkdir(parents=True, exist_ok=True)
+    stretch = run_record.new_stretch(0)
     began = time.perf_counter()
     with _quiet_transformers():
         gates = score_heads(config.model, dataset, prompts=config.steps, sink=config.sink,
                             recent=config.recent, shape=shape, dtype=_torch_dtype(config),
-                            device=config.device, progress=progress)  # fmt: skip
+                            device=config.device, progress=progress,
+                            step_seconds=stretch["step_seconds"])  # fmt: skip
     _write_pattern(
         config,
         gates=gates,
@@ -794,6 +816,7 @@ def _attention_mass(
         steps_done=config.steps,
         losses=[],
         seconds_per_step=(time.perf_counter() - began) / config.steps,
+        stretches=[stretch],
     )
     logger.info("attention-mass pattern written to %s", config.out)
     return config.out

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import numpy as np
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.evaluation.config import EvalConfig
 from vllm_duo.evaluation.passkey import PasskeyCase, build_cases
+from vllm_duo.machine import cpu_description
 from vllm_duo.patterns import load_gates
 from vllm_duo.settings import ENV_PATTERN, ENV_RECENT, ENV_SINK, ENV_SPARSITY
 from vllm_duo.worker_process import read_rows, run_worker
@@ -319,7 +319,7 @@ def run_eval(config: EvalConfig, tokenizer: Any, *, show_progress: bool = True) 
         "pattern": str(config.pattern),
         "baseline": str(config.baseline) if config.baseline else None,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.__dict__.items()},
-        "machine": machine(),
+        "machine": cpu_description(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(began)),
         "wall_s": time.time() - began,
         "jobs": timings,
@@ -345,20 +345,3 @@ def _agreement(config: EvalConfig, hidden: dict[str, list[str]]) -> dict[str, An
             agree.append(a)
         out[method] = {"kl": np.stack(kl), "top1": np.stack(agree)}
     return out
-
-
-def machine() -> str:
-    """The CPU model, its vector flags that matter here, and the core count."""
-    model = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                have = set(line.split(":", 1)[1].split())
-                flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in have]
-    except OSError:
-        pass
-    extra = f" ({', '.join(flags)}{'' if 'amx_bf16' in flags else ', no AMX'})" if flags else ""
-    return f"{model}{extra}, {os.cpu_count()} CPUs"
