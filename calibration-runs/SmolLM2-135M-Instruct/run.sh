@@ -12,7 +12,7 @@ model="$HOME/.cache/vllm-duo/models/SmolLM2-135M-Instruct"
 [ -d "$model" ] || .venv/bin/python -m vllm_duo.default_model
 resume=()
 [ -f "$here/checkpoint.pt" ] && resume=(--resume)
-exec nice -n 19 .venv/bin/vllm-duo calibrate "$model" --out "$here" \
+exec nice -n 19 .venv/bin/vllm-duo calibrate "$model" --out calibration-runs/SmolLM2-135M-Instruct \
     --steps 200 --min-len 1024 --max-len 8192 --length-dist log-uniform \
     --haystack python-reference --passkeys 3 --save-every 5 \
     --model-id HuggingFaceTB/SmolLM2-135M-Instruct "${resume[@]}"
