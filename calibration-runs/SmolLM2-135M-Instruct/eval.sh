@@ -16,11 +16,7 @@
 # answers of finished jobs are kept in eval-jobs/ here (`eval.sh save`) and put back into the
 # work folder first, where `vllm-duo eval` reuses them when their request is the same.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-cd "$root"
-model="$HOME/.cache/vllm-duo/models/SmolLM2-135M-Instruct"
-[ -d "$model" ] || .venv/bin/python -m vllm_duo.default_model
+source "$(dirname "$0")/common.sh"
 work="${VLLM_DUO_EVAL_WORK:-$root/.cache/eval-smollm2}"
 mkdir -p "$work/work" "$here/eval-jobs"
 if [ "${1:-}" = save ]; then

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,13 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def command_line(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
+def command_line(
+    settings: Mapping[str, Any], defaults: Mapping[str, Any], *, flag: Callable[[str], str]
+) -> str:
     """The ``vllm-duo calibrate`` command that makes these settings (defaults left out).
 
-    The home directory is written as ``~`` so that the command works for another user.
+    ``flag`` names a setting's command-line flag (``min_len`` -> ``--min-len``). The home
+    directory is written as ``~`` so that the command works for another user.
     """
 
     def shown(value: Any) -> str:
@@ -48,7 +51,7 @@ def command_line(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> st
         value = settings[field]
         if field != "out" and value == defaults.get(field):
             continue
-        words += ["--" + field.replace("_", "-"), shown(value)]
+        words += [flag(field), shown(value)]
     return " ".join(w if w.startswith("~") else shlex.quote(w) for w in words)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import logging
 import math
@@ -222,7 +221,7 @@ class CalibrationConfig:
     def command(self) -> str:
         """The ``vllm-duo calibrate`` command line that makes these settings."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        return run_record.command_line(self.to_dict(), defaults)
+        return run_record.command_line(self.to_dict(), defaults, flag=_flag)
 
     def check_paths(self) -> None:
         """Validate the model and output directories (before anything is loaded).
@@ -571,9 +570,7 @@ def _write_pattern(
             "gate_mean": sum(flat) / len(flat),
             "gate_fraction_below_0_5": sum(g < 0.5 for g in flat) / len(flat),
             "seconds_per_step": seconds_per_step,
-            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"
-            ),
+            "created_utc": run_record.utc_now(),
             "versions": _versions(),
         },
     }
@@ -707,8 +704,9 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
     stretch = run_record.new_stretch(start)
     stretches.append(stretch)
     began = time.perf_counter()
-    # Step times and lengths since the last checkpoint, for the log (cost grows with length).
-    window: list[tuple[int, float]] = []
+    # The steps since the last checkpoint start here in the stretch's times (for the log:
+    # cost grows with length).
+    logged = 0
     try:
         for step in range(start, config.steps):
             step_began = time.perf_counter()
@@ -734,8 +732,8 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
                 gates.clamp_(0.0, 1.0)
 
             losses.append(float(loss.detach()))
-            window.append((ids.shape[1], time.perf_counter() - step_began))
-            stretch["step_seconds"].append([ids.shape[1], round(window[-1][1], 3)])
+            seconds = round(time.perf_counter() - step_began, 3)
+            stretch["step_seconds"].append([ids.shape[1], seconds])
             distill_value = float(distill.detach())
             done = step + 1
             mean, below = _gate_stats(gates)
@@ -767,10 +765,10 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Path:
                     distill_value,
                     mean,
                     100 * below,
-                    len(window),
-                    ", ".join(f"{length} tok {seconds:.1f} s" for length, seconds in window),
+                    len(stretch["step_seconds"]) - logged,
+                    ", ".join(f"{n} tok {s:.1f} s" for n, s in stretch["step_seconds"][logged:]),
                 )
-                window.clear()
+                logged = len(stretch["step_seconds"])
     finally:
         bar.close()
     trained = config.steps - start
