@@ -222,6 +222,29 @@ def test_a_finished_job_is_reused_only_when_identical_and_complete(tmp_path):
     assert _finished(request, results, '{"other": 1}', job) is None  # different request
 
 
+def test_a_killed_job_resumes_where_it_stopped(tmp_path):
+    """A rerun of the same request answers only the prompts without a line: a torn last line
+    and a hidden-state row whose file is gone are dropped (and so run again), never doubled."""
+    from vllm_duo.evaluation.worker import answered
+    from vllm_duo.worker_process import read_rows
+
+    results = tmp_path / "r.jsonl"
+    assert answered(str(results), "generate") == set()
+    rows = [{"kind": "engine", "startup_s": 1.0}, {"kind": "answer", "i": 0, "text": "1"},
+            {"kind": "answer", "i": 2, "text": "3"}]  # fmt: skip
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "ans')
+    assert [r.get("i") for r in read_rows(results)] == [None, 0, 2]  # the torn line is left out
+    assert answered(str(results), "generate") == {0, 2}
+    assert results.read_text().endswith("}\n")  # rewritten without the torn line
+    kept = tmp_path / "kept.npy"
+    kept.write_bytes(b"x")
+    hidden = [{"kind": "hidden", "i": 0, "path": str(kept)},
+              {"kind": "hidden", "i": 1, "path": str(tmp_path / "gone.npy")}]  # fmt: skip
+    results.write_text("".join(json.dumps(r) + "\n" for r in hidden))
+    assert answered(str(results), "hidden") == {0}
+    assert [r["i"] for r in read_rows(results)] == [0]
+
+
 def test_a_job_with_other_gates_or_settings_is_not_reused(tmp_path):
     """The reuse key covers what the worker gets through the environment: DUO's settings and
     the gates themselves (a pattern rewritten in place must not reuse old answers)."""

@@ -72,7 +72,14 @@ def run_worker(
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines a worker appended so far (none if it has not started)."""
+    """The JSON lines a worker appended so far (none if it has not started).
+
+    A last line without its newline is one being written (or torn by a kill): left out.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]

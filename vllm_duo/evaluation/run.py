@@ -210,8 +210,11 @@ def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: 
         if progress is not None:
             progress.update(job.size)
         return reused
-    results.unlink(missing_ok=True)
-    request.write_text(text)
+    if not (request.exists() and request.read_text() == text):
+        results.unlink(missing_ok=True)
+        request.write_text(text)
+    # else the same request stopped part way (a killed eval): the worker answers only the
+    # prompts that have no line in `results` yet.
     log_path = config.out / "logs" / f"{job.tag}.log"
     started = time.time()
     done = 0

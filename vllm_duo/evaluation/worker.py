@@ -11,7 +11,8 @@ Only vLLM's public API is used (``vllm.LLM``). Two modes:
 - ``hidden``: the final hidden state of every position of each prompt (token-embedding
   pooling, no normalisation), saved as ``.npy`` files; one JSON line per prompt.
 
-Lines are appended as soon as they exist, so a crash keeps what was done.
+Lines are appended as soon as they exist, so a crash keeps what was done, and a rerun of the
+same request answers only the prompts that have no line yet (a torn last line is dropped).
 """
 
 from __future__ import annotations
@@ -26,6 +27,32 @@ from typing import Any
 def _append(path: str, row: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as out:
         out.write(json.dumps(row) + "\n")
+
+
+def answered(results_path: str, mode: str) -> set[int]:
+    """Indices of the prompts a previous run of this request already answered.
+
+    Rewrites the file without the lines that no longer count (one torn by a kill mid-write,
+    a hidden-state row whose ``.npy`` file is gone), so new lines start clean and no index
+    appears twice.
+    """
+    path = Path(results_path)
+    if not path.exists():
+        return set()
+    text = path.read_text(encoding="utf-8")
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "path" not in row or Path(row["path"]).exists():
+            rows.append(row)
+    kept = "".join(json.dumps(r) + "\n" for r in rows)
+    if kept != text:
+        path.write_text(kept, encoding="utf-8")
+    kind = "answer" if mode == "generate" else "hidden"
+    return {r["i"] for r in rows if r["kind"] == kind}
 
 
 def main(request_path: str, results_path: str) -> None:
@@ -44,24 +71,27 @@ def main(request_path: str, results_path: str) -> None:
                 task="token_embed", tok_pooling_type="ALL", use_activation=False
             ),
         )
+    prompts = request["prompts"]
+    done = answered(results_path, request["mode"])
+    todo = [i for i in range(len(prompts)) if i not in done]
     started = time.perf_counter()
     llm = LLM(model=request["model"], **kwargs)
     _append(results_path, {"kind": "engine", "startup_s": time.perf_counter() - started})
-    prompts = request["prompts"]
     batch = max(1, int(request.get("batch", 4)))
     params = SamplingParams(temperature=0.0, max_tokens=request.get("max_tokens", 16))
-    for first in range(0, len(prompts), batch):
-        chunk = [{"prompt_token_ids": ids} for ids in prompts[first : first + batch]]
+    for first in range(0, len(todo), batch):
+        indices = todo[first : first + batch]
+        chunk = [{"prompt_token_ids": prompts[i]} for i in indices]
         began = time.perf_counter()
         if request["mode"] == "generate":
             outputs = llm.generate(chunk, params, use_tqdm=False)
             seconds = (time.perf_counter() - began) / len(chunk)
-            for offset, out in enumerate(outputs):
+            for index, out in zip(indices, outputs):
                 _append(
                     results_path,
                     {
                         "kind": "answer",
-                        "i": first + offset,
+                        "i": index,
                         "text": out.outputs[0].text,
                         "seconds": seconds,
                     },
@@ -71,8 +101,7 @@ def main(request_path: str, results_path: str) -> None:
 
             outputs = llm.encode(chunk, pooling_task="token_embed", use_tqdm=False)
             seconds = (time.perf_counter() - began) / len(chunk)
-            for offset, out in enumerate(outputs):
-                index = first + offset
+            for index, out in zip(indices, outputs):
                 path = Path(request["hidden_dir"]) / f"{request['tag']}-{index}.npy"
                 np.save(path, out.outputs.data.float().numpy())
                 _append(
