@@ -383,7 +383,8 @@ def plot_niah(
         grid = np.array([[np.nan if v is None else v for v in row] for row in data["grid"]])
         image = axes.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         axes.set_xticks(range(len(lengths)), [_k(n) for n in lengths], rotation=45)
-        axes.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        # Depth labels on the first panel only: on the others they run into the panel before.
+        axes.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if i == 0 else [])
         point = _point(method, None, settings["sparsity"])
         label = method if point is None else f"{method} @{point:g}"
         axes.set_title(f"{label}\n{_pct(data['all'])} correct", fontsize=10)
