@@ -210,7 +210,7 @@ def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: 
         if progress is not None:
             progress.update(job.size)
         return reused
-    if not (request.exists() and request.read_text() == text):
+    if not _same_request(request, text):
         results.unlink(missing_ok=True)
         request.write_text(text)
     # else the same request stopped part way (a killed eval): the worker answers only the
@@ -239,9 +239,14 @@ def _run_job(job: Job, config: EvalConfig, patterns: dict[str, Path], progress: 
     }
 
 
+def _same_request(request: Path, text: str) -> bool:
+    """Whether the job's request file holds this request (its results, if any, answer it)."""
+    return request.exists() and request.read_text() == text
+
+
 def _finished(request: Path, results: Path, text: str, job: Job) -> dict | None:
     """The results of an identical request that completed earlier, else None."""
-    if not request.exists() or request.read_text() != text:
+    if not _same_request(request, text):
         return None
     rows = read_rows(results)
     done = [r for r in rows if r["kind"] != "engine"]

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_duo.worker_process import read_rows
+
 
 def _append(path: str, row: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as out:
@@ -40,14 +42,7 @@ def answered(results_path: str, mode: str) -> set[int]:
     if not path.exists():
         return set()
     text = path.read_text(encoding="utf-8")
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "path" not in row or Path(row["path"]).exists():
-            rows.append(row)
+    rows = [r for r in read_rows(path) if "path" not in r or Path(r["path"]).exists()]
     kept = "".join(json.dumps(r) + "\n" for r in rows)
     if kept != text:
         path.write_text(kept, encoding="utf-8")
