@@ -107,7 +107,12 @@ def _case(context: int, tokens: int, args: argparse.Namespace, family, isa: str)
     HEADS, GROUP, HEAD_SIZE = args.kv_heads, args.group, args.head_size
     dtype, scale, kv_dtype = torch.bfloat16, HEAD_SIZE**-0.5, args.kv_cache_dtype
     fp8 = kv_dtype != "auto"
-    retrieval = list(range(0, 2 * args.retrieval, 2))[: args.retrieval]  # not contiguous
+    if not 0 <= args.retrieval <= HEADS:
+        raise SystemExit(f"--retrieval {args.retrieval}: a layer has 0 to {HEADS} KV heads")
+    # Half the heads: every other one, so neither kind is contiguous; any other count: the first
+    # ones (each kind must be equally spaced to be one strided view).
+    half = 2 * args.retrieval == HEADS
+    retrieval = list(range(0, HEADS, 2)) if half else list(range(args.retrieval))
     runs, num_blocks = _runs(context, retrieval, dtype, fp8, args)
     blocks = torch.randperm(num_blocks - 1)[: -(-context // BLOCK_SIZE)] + 1
     step = _Step(context, tokens, BLOCK_SIZE, blocks, isa, args.requests)

@@ -7,6 +7,7 @@ and S=4, W=16, so streaming and full attention differ from the 21st token on.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -378,8 +379,12 @@ def test_cli_writes_a_loadable_pattern(tiny2, tmp_path, capsys):
     argv = ["calibrate", str(tiny2), "--out", str(out), "--steps", "2", "--sink", "4"]
     argv += ["--recent", "16", "--min-len", "96", "--max-len", "128", "--passkeys", "1"]
     assert main([*argv, "--model-id", "tests/tiny2"]) == 0
-    stdout = capsys.readouterr().out
-    assert f"pattern written to {out}" in stdout
+    captured = capsys.readouterr()
+    assert f"pattern written to {out}" in captured.out
+    # The library's progress log reaches stderr while the command runs, and only then.
+    log = [line for line in captured.err.splitlines() if line.startswith("INFO ")]
+    assert any(line.endswith(f"pattern written to {out}") for line in log), captured.err
+    assert not logging.getLogger("vllm_duo").handlers
 
     gates = load_gates(out)
     assert gates.shape == (2, 2) and ((gates >= 0) & (gates <= 1)).all()

@@ -10,7 +10,7 @@ import argparse
 import os
 import shlex
 
-from vllm_duo.cli.common import PROG, add_option, out
+from vllm_duo.cli.common import PROG, add_option, library_log, out
 from vllm_duo.patterns import load_gates
 
 
@@ -127,7 +127,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         length_dist=args.length_dist,
         method=args.method,
     )
-    out_dir = calibrate(config, progress=True)
+    with library_log():  # resume, step and checkpoint lines of a job that runs for hours
+        out_dir = calibrate(config, progress=True)
     gates = load_gates(out_dir)
     layers, kv_heads = gates.shape
     out(f"pattern written to {out_dir}")

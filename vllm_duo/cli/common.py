@@ -7,11 +7,13 @@ imports vLLM.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import re
 import shlex
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Iterator, Sequence
+from typing import NoReturn, TextIO
 
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.settings import (
@@ -46,6 +48,40 @@ INT_RE = re.compile(r"[0-9]+")
 def out(line: str = "") -> None:
     """Write one line of command output to stdout."""
     print(line, file=sys.stdout)
+
+
+class _StderrAtEmit(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when the handler was
+    made, so redirection (pytest's capsys, contextlib.redirect_stderr) still sees the lines."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def library_log(level: int = logging.INFO) -> Iterator[None]:
+    """While a long command (calibrate) runs, its ``vllm_duo`` log lines reach the terminal:
+    one ``INFO hh:mm:ss message`` line each on stderr. Undone on exit, so commands run later
+    in the same process (tests) print only what they print themselves."""
+    library = logging.getLogger("vllm_duo")
+    handler = _StderrAtEmit()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s", "%H:%M:%S"))
+    previous = library.level
+    library.addHandler(handler)
+    library.setLevel(min(level, library.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(previous)
 
 
 def error_line(message: str) -> None:
