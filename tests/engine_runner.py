@@ -170,13 +170,14 @@ class _KernelCounter:
     """Counts, per DUO layer forward, the kernel calls of the CPU family (in-process engine).
 
     Each forward records the layer's retrieval and streaming head counts and how many
-    times each kernel ran: vLLM's CPU attention and cache write for retrieval heads, the
-    sink+window attention (native op or torch path) and the native cache write for
-    streaming heads.
+    times each kernel ran: vLLM's CPU attention or the native decode op, and vLLM's cache
+    write for retrieval heads; the sink+window attention (native op or torch path) and the
+    native cache write for streaming heads.
     """
 
     KERNELS = {
         "cpu_attention_with_kv_cache": "retrieval_attention",
+        "paged_decode_attention": "retrieval_attention",
         "cpu_attn_reshape_and_cache": "retrieval_write",
         "sink_window_attention": "streaming_attention",
         "store_kv": "streaming_write",
@@ -201,6 +202,7 @@ class _KernelCounter:
 
                 def counted(*args, **kwargs):
                     counter._count(counter.KERNELS[name])
+                    counter._count(name)
                     return fn(*args, **kwargs)
 
                 return counted
@@ -223,6 +225,7 @@ class _KernelCounter:
                 "retrieval_heads": sum(h.retrieval for h in impl.head_caches),
                 "streaming_heads": sum(not h.retrieval for h in impl.head_caches),
                 "native": getattr(impl.kernels, "native", False),
+                "isa": attn_metadata.isa,
             }
             try:
                 return forward(impl, layer, query, key, value, kv_cache, attn_metadata, *a, **k)

@@ -1,4 +1,4 @@
-"""Python API of the CPU sink+window kernels in ``csrc/cpu/`` (extension ``vllm_duo._cpu_C``).
+"""Python API of the CPU kernels in ``csrc/cpu/`` (extension ``vllm_duo._cpu_C``).
 
 The extension holds only torch ops (``torch.ops.vllm_duo_cpu.*``); it is found with
 ``importlib`` and loaded with ``torch.ops.load_library``. Without it (not built: see
@@ -17,7 +17,13 @@ import importlib.util
 
 import torch
 
-__all__ = ["is_available", "load_error", "sink_window_attention", "store_kv"]
+__all__ = [
+    "is_available",
+    "load_error",
+    "paged_decode_attention",
+    "sink_window_attention",
+    "store_kv",
+]
 
 _EXTENSION = "vllm_duo._cpu_C"
 _state: dict[str, str | None] = {}
@@ -25,7 +31,9 @@ _state: dict[str, str | None] = {}
 
 def _registered() -> bool:
     namespace = getattr(torch.ops, "vllm_duo_cpu", None)
-    return namespace is not None and hasattr(namespace, "sink_window_attention")
+    return namespace is not None and all(
+        hasattr(namespace, op) for op in ("sink_window_attention", "paged_decode_attention")
+    )
 
 
 def load_error() -> str | None:
@@ -151,3 +159,41 @@ def store_kv(
         new_keys, new_values, heads, slot_mapping, key_cache, value_cache, int(min_slot),
         kv_cache_dtype, float(k_scale), float(v_scale),
     )  # fmt: skip
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    heads: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Full-context decode attention of some KV heads of a layer over vLLM's CPU pages.
+
+    Every request has one query, its last position, and attends to all its positions, all
+    of them in the cache (vLLM's ``cpu_attn_reshape_and_cache`` wrote this step's keys).
+
+    Args:
+        query: [num_tokens >= num_reqs, num_kv_heads, G, head_size], the layer's queries;
+            token r is request r's query. Any strides with a contiguous last dim.
+        cache: [num_blocks, R, block_size, 2 * head_size] pages of the R heads in the layout
+            of vLLM's ``vec``/``vec16`` CPU kernels: block_size * head_size keys stored
+            transposed, then block_size value rows; the query's dtype.
+        heads: [R] int64, the layer's KV head of each cache head.
+        block_table: [num_reqs, max_blocks] int32; the blocks of every position are read.
+        seq_lens: [num_reqs] int32 context lengths including the query.
+        scale: softmax scale.
+        out: [num_tokens, num_kv_heads, G, head_size]; rows of the R heads of tokens
+            < num_reqs are written.
+
+    Returns:
+        ``out``.
+    """
+    _require()
+    torch.ops.vllm_duo_cpu.paged_decode_attention(
+        query, cache, heads, block_table, seq_lens, float(scale), out
+    )
+    return out

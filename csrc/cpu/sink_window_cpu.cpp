@@ -25,37 +25,17 @@
 #include <vector>
 
 #include "sink_window_cpu.h"
+#include "torch_checks.h"
 
 namespace {
 
+using duo_cpu::check_heads;
+using duo_cpu::check_index;
+using duo_cpu::check_rows;
+using duo_cpu::dispatch_float;
+
 constexpr const char* kAttention = "vllm_duo_cpu.sink_window_attention";
 constexpr const char* kStore = "vllm_duo_cpu.store_kv";
-
-void check_rows(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
-  TORCH_CHECK(t.dim() == dims, op, ": ", name, " must have ", dims, " dims, got shape ",
-              t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.size(-1) == 0 || t.stride(-1) == 1, op, ": ", name,
-              " must be contiguous in its last (head_size) dim, got strides ", t.strides());
-}
-
-void check_index(const char* op, const char* name, const at::Tensor& t, at::ScalarType type,
-                 at::IntArrayRef shape) {
-  TORCH_CHECK(t.scalar_type() == type, op, ": ", name, " must be ", type, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-void check_heads(const char* op, const at::Tensor& heads, int64_t run_heads, int64_t layer_heads) {
-  check_index(op, "heads", heads, at::kLong, {run_heads});
-  const int64_t* h = heads.data_ptr<int64_t>();
-  for (int64_t i = 0; i < run_heads; ++i)
-    TORCH_CHECK(h[i] >= 0 && h[i] < layer_heads, op, ": heads[", i, "] = ", h[i],
-                " is not a KV head of the layer (0..", layer_heads - 1, ")");
-}
 
 // The fp8 format of vLLM's --kv-cache-dtype value; nullptr for "auto".
 const duo_cpu::Fp8Spec* fp8_spec(const char* op, c10::string_view kv_cache_dtype) {
@@ -86,25 +66,6 @@ void check_cache(const char* op, const char* name, const at::Tensor& cache, cons
   TORCH_CHECK(cache.size(2) == run_heads && cache.size(3) == head_size, op, ": ", name,
               " must be [num_blocks, block_size, run_heads=", run_heads,
               ", head_size=", head_size, "], got ", cache.sizes());
-}
-
-template <typename Fn>
-void dispatch_float(const char* op, at::ScalarType type, Fn&& fn) {
-  switch (type) {
-    case at::kFloat:
-      fn(float{}, [](float x) { return x; }, [](float x) { return x; });
-      break;
-    case at::kBFloat16:
-      fn(c10::BFloat16{}, [](c10::BFloat16 x) { return static_cast<float>(x); },
-         [](float x) { return c10::BFloat16(x); });
-      break;
-    case at::kHalf:
-      fn(c10::Half{}, [](c10::Half x) { return static_cast<float>(x); },
-         [](float x) { return c10::Half(x); });
-      break;
-    default:
-      TORCH_CHECK(false, op, ": dtype ", type, " is not supported: float32, bfloat16 or float16");
-  }
 }
 
 void sink_window_attention(const at::Tensor& query, const at::Tensor& key_cache,
