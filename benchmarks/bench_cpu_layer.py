@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--torch-path", action="store_true", help="streaming heads in torch")
+    parser.add_argument("--stock-retrieval", action="store_true",
+                        help="retrieval heads through vLLM's kernel, not the C++ op")  # fmt: skip
     parser.add_argument("--kv-cache-dtype", default="auto",
                         choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
                         help="KV cache dtype of both sides")  # fmt: skip
@@ -179,7 +181,8 @@ def main() -> None:
     isa = cpu_attn_isa(torch.bfloat16, BLOCK_SIZE, args.head_size, args.kv_cache_dtype)
     family = CpuKernels(scale=args.head_size**-0.5, sink=args.sink, recent=args.recent,
                         kv_cache_dtype=args.kv_cache_dtype, dtype=torch.bfloat16,
-                        head_size=args.head_size)  # fmt: skip
+                        head_size=args.head_size,
+                        stock_retrieval_kernel=args.stock_retrieval)  # fmt: skip
     if args.torch_path:
         family.native = False
     from vllm_duo.machine import cpu_description
@@ -189,7 +192,9 @@ def main() -> None:
           f"heads, {args.requests} request(s), "
           f"S={args.sink} W={args.recent}, threads={torch.get_num_threads()}, isa={isa}, "
           f"{cpu_description()}, streaming: "
-          f"{'C++ op' if family.native else 'torch'} (least of {args.repeats})")  # fmt: skip
+          f"{'C++ op' if family.native else 'torch'}, retrieval: "
+          f"{'C++ op' if family.native_retrieval else 'vLLM kernel'} "
+          f"(least of {args.repeats})")  # fmt: skip
     print(f"{'context':>8} {'phase':>8} {'stock ms':>10} {'DUO ms':>10} {'DUO/stock':>10}")
     phases = ("decode", "prefill") if args.phase == "both" else (args.phase,)
     for context in (int(c) for c in args.contexts.split(",")):

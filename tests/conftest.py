@@ -268,11 +268,9 @@ def assert_one_kernel_call_per_layer(run: dict) -> None:
         assert calls.get("retrieval_write", 0) == retrieval, calls
         assert calls.get("streaming_attention", 0) == streaming, calls
         assert calls.get("streaming_write", 0) == (streaming if calls["native"] else 0), calls
-    if forwards[0]["native"] and any(
-        calls["retrieval_heads"] and calls["isa"] in ("vec", "vec16") for calls in forwards
-    ):
-        # Decode steps of retrieval heads on vLLM's vec/vec16 pages use the native decode op.
-        assert any(calls.get("paged_decode_attention") for calls in forwards), forwards[:3]
+    if any(calls["native_retrieval"] and calls["isa"] in ("vec", "vec16") for calls in forwards):
+        # Retrieval heads on vLLM's vec/vec16 pages use the native attention op.
+        assert any(calls.get("paged_attention") for calls in forwards), forwards[:3]
 
 
 def assert_one_gpu_launch_per_run(run: dict) -> list[list[dict]]:

@@ -177,7 +177,7 @@ class _KernelCounter:
 
     KERNELS = {
         "cpu_attention_with_kv_cache": "retrieval_attention",
-        "paged_decode_attention": "retrieval_attention",
+        "paged_attention": "retrieval_attention",
         "cpu_attn_reshape_and_cache": "retrieval_write",
         "sink_window_attention": "streaming_attention",
         "store_kv": "streaming_write",
@@ -225,6 +225,7 @@ class _KernelCounter:
                 "retrieval_heads": sum(h.retrieval for h in impl.head_caches),
                 "streaming_heads": sum(not h.retrieval for h in impl.head_caches),
                 "native": getattr(impl.kernels, "native", False),
+                "native_retrieval": getattr(impl.kernels, "native_retrieval", False),
                 "isa": attn_metadata.isa,
             }
             try:

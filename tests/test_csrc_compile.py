@@ -699,7 +699,7 @@ def _vector_stack_moves(obj: Path, function: str) -> tuple[int, int]:
 @pytest.mark.parametrize("march", CPU_MARCHES)
 @pytest.mark.parametrize(
     ("stem", "function"),
-    [("sink_window_cpu", "sink_window_tiles"), ("paged_decode_cpu", "paged_decode_attention")],
+    [("sink_window_cpu", "sink_window_tiles"), ("paged_attention_cpu", "paged_attention")],
 )
 def test_cpu_ops_keep_their_vectors_in_registers_on_avx2_and_avx512(builds, march, stem,
                                                                     function):  # fmt: skip

@@ -24,7 +24,7 @@ log = logging.getLogger("vllm_duo.build")
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc" / "cpu"
 EXTENSION = "vllm_duo._cpu_C"
-SOURCES = ("sink_window_cpu.cpp", "paged_decode_cpu.cpp")
+SOURCES = ("sink_window_cpu.cpp", "paged_attention_cpu.cpp")
 ARCH_ENV = "VLLM_DUO_CPU_ARCH_FLAGS"
 SKIP_ENV = "VLLM_DUO_SKIP_CPU_BUILD"
 

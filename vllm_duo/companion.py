@@ -143,6 +143,7 @@ def attach_head_caches(layer: Attention) -> None:
         choice, running_platform().device_type, scale=impl.scale, sink=plan.settings.sink,
         recent=plan.settings.recent, kv_cache_dtype=impl.kv_cache_dtype, dtype=impl.dtype,
         head_size=impl.head_size, block_size=vllm_config.cache_config.block_size,
+        any_streaming=plan.heads.num_streaming > 0,
     )  # fmt: skip
     logger.info_once(
         "DuoAttention kernels (%s=%s): %s", ENV_KERNELS, choice, impl.kernels.describe()

@@ -20,7 +20,7 @@ import torch
 __all__ = [
     "is_available",
     "load_error",
-    "paged_decode_attention",
+    "paged_attention",
     "sink_window_attention",
     "store_kv",
 ]
@@ -32,7 +32,7 @@ _state: dict[str, str | None] = {}
 def _registered() -> bool:
     namespace = getattr(torch.ops, "vllm_duo_cpu", None)
     return namespace is not None and all(
-        hasattr(namespace, op) for op in ("sink_window_attention", "paged_decode_attention")
+        hasattr(namespace, op) for op in ("sink_window_attention", "paged_attention")
     )
 
 
@@ -161,39 +161,43 @@ def store_kv(
     )  # fmt: skip
 
 
-def paged_decode_attention(
+def paged_attention(
     query: torch.Tensor,
     cache: torch.Tensor,
     heads: torch.Tensor,
     block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     *,
     scale: float,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Full-context decode attention of some KV heads of a layer over vLLM's CPU pages.
+    """Causal full-context attention of some KV heads of a layer over vLLM's CPU pages.
 
-    Every request has one query, its last position, and attends to all its positions, all
-    of them in the cache (vLLM's ``cpu_attn_reshape_and_cache`` wrote this step's keys).
+    Decode queries and prefill chunks alike: request r's queries are the last of its
+    ``seq_lens[r]`` positions, and each attends to every position up to its own, all of
+    them in the cache (vLLM's ``cpu_attn_reshape_and_cache`` wrote this step's keys).
 
     Args:
-        query: [num_tokens >= num_reqs, num_kv_heads, G, head_size], the layer's queries;
-            token r is request r's query. Any strides with a contiguous last dim.
+        query: [num_tokens, num_kv_heads, G, head_size], the layer's queries; any strides
+            with a contiguous last dim.
         cache: [num_blocks, R, block_size, 2 * head_size] pages of the R heads in the layout
             of vLLM's ``vec``/``vec16`` CPU kernels: block_size * head_size keys stored
             transposed, then block_size value rows; the query's dtype.
         heads: [R] int64, the layer's KV head of each cache head.
-        block_table: [num_reqs, max_blocks] int32; the blocks of every position are read.
-        seq_lens: [num_reqs] int32 context lengths including the query.
+        block_table: [num_reqs, max_blocks] int32; the blocks of every position of a
+            request with queries are read.
+        query_start_loc: [num_reqs + 1] int32 token offsets, starting at 0.
+        seq_lens: [num_reqs] int32 context lengths including this step's queries.
         scale: softmax scale.
-        out: [num_tokens, num_kv_heads, G, head_size]; rows of the R heads of tokens
-            < num_reqs are written.
+        out: [num_tokens, num_kv_heads, G, head_size]; rows of the R heads of the
+            requests' tokens are written.
 
     Returns:
         ``out``.
     """
     _require()
-    torch.ops.vllm_duo_cpu.paged_decode_attention(
-        query, cache, heads, block_table, seq_lens, float(scale), out
+    torch.ops.vllm_duo_cpu.paged_attention(
+        query, cache, heads, block_table, query_start_loc, seq_lens, float(scale), out
     )
     return out

@@ -1,6 +1,7 @@
 """Kernel families of the DUO backend: one per device kind, one picked per process.
 
-- :mod:`vllm_duo.families.cpu`: vLLM's CPU paged-attention kernel + torch sink+window.
+- :mod:`vllm_duo.families.cpu`: the C++ paged attention (or vLLM's CPU kernel) + the C++ or
+  torch sink+window.
 - :mod:`vllm_duo.families.gpu`: FlashAttention / Triton paged attention + the csrc CUDA or
   Triton sink+window kernels; also runs on CPU under Triton's interpreter (tests).
 
@@ -33,14 +34,20 @@ def make_family(
     dtype: torch.dtype,
     head_size: int,
     block_size: int | None = None,
+    any_streaming: bool = True,
 ) -> KernelFamily:
-    """The kernel family for this process; raises DuoConfigError with the reason if none fits."""
+    """The kernel family for this process; raises DuoConfigError with the reason if none fits.
+
+    ``any_streaming``: whether the model has streaming heads at all; without them the CPU
+    family runs vLLM's own kernel, so sparsity 0 reproduces the stock backend bit for bit.
+    """
     if family_name(choice, device_type) == "cpu":
         from vllm_duo.families.cpu import CpuKernels
 
         return CpuKernels(
             scale=scale, sink=sink, recent=recent, kv_cache_dtype=kv_cache_dtype, dtype=dtype,
             head_size=head_size, require_native=choice == "native",
+            stock_retrieval_kernel=not any_streaming,
         )  # fmt: skip
     from vllm_duo.families.gpu import GpuKernels
 

@@ -1,11 +1,12 @@
 """The CPU kernel family: vLLM's CPU paged-attention kernel and the native sink+window op.
 
 Retrieval heads: one ``cpu_attn_reshape_and_cache`` per run, over the run's strided cache
-view, then one attention call: on decode-only steps the C++ extension's
-``paged_decode_attention`` (GQA query heads share every key/value load, long contexts split
-across cores; twice as fast as vLLM's kernel on AVX2), otherwise vLLM's
-``cpu_attention_with_kv_cache`` over the same view (it honours the strides of its cache and
-query arguments), with scheduler metadata sized for the run's head count.
+view, then one attention call over the same view: the C++ extension's ``paged_attention``
+(decode and prefill rows in one call; the query heads of a KV head share every key/value
+load; a decode's long context is split across cores) where vLLM's pages have the plain
+``vec``/``vec16`` layout and the cache is in the model's dtype, else vLLM's
+``cpu_attention_with_kv_cache`` (it honours the strides of its cache and query arguments),
+with scheduler metadata sized for the run's head count.
 Streaming heads: one ``store_kv`` and one ``sink_window_attention`` call of the C++
 extension (:mod:`vllm_duo.cpu_ops`) per run, reading and writing the layer's query, keys and
 output in place. Where the extension is not built, the pure-torch path
@@ -36,7 +37,7 @@ from vllm_duo.kernels.sink_window_torch import (
 from vllm_duo.settings import ENV_KERNELS
 
 # vLLM CPU kernels whose pages hold keys transposed ([D][block_size]) and then value rows, the
-# layout vllm_duo_cpu.paged_decode_attention reads (tests/test_cpu_decode.py checks it against
+# layout vllm_duo_cpu.paged_attention reads (tests/test_cpu_paged_attention.py checks it against
 # vLLM's own cache write).
 _PAGE_LAYOUT_ISAS = ("vec", "vec16")
 
@@ -75,11 +76,15 @@ class CpuKernels:
         dtype: torch.dtype,
         head_size: int,
         require_native: bool = False,
+        stock_retrieval_kernel: bool = False,
     ) -> None:
         self.kv_format = cache_format(kv_cache_dtype)
         if self.kv_format is not None:
             _check_cpu_fp8(kv_cache_dtype, dtype, head_size)
         self.native = cpu_ops.is_available()
+        # Without streaming heads (sparsity 0) DUO must give the stock backend's outputs
+        # (DESIGN.md section 3): the same kernel gives them bit for bit.
+        self.native_retrieval = self.native and not stock_retrieval_kernel
         if require_native and not self.native:
             raise DuoConfigError(
                 f"{ENV_KERNELS}=native needs the CPU extension, but {cpu_ops.load_error()}; "
@@ -159,9 +164,10 @@ class CpuKernels:
             k_scale=scales._k_scale_float, v_scale=scales._v_scale_float,
             kv_cache_dtype=self.kv_cache_dtype,
         )  # fmt: skip
-        if self._native_decode(step):
-            cpu_ops.paged_decode_attention(query, run.cache, run.index, step.block_table,
-                                           step.seq_lens, scale=self.scale, out=output)  # fmt: skip
+        if self._native_attention(step):
+            cpu_ops.paged_attention(query, run.cache, run.index, step.block_table,
+                                    step.query_start_loc, step.seq_lens, scale=self.scale,
+                                    out=output)  # fmt: skip
             return
         q = select_heads(query, run).reshape(num_tokens, heads * group, head_size)
         scheduler = self._scheduler(step, heads, group, head_size)
@@ -177,20 +183,15 @@ class CpuKernels:
         )  # fmt: skip
         store_heads(output, run, out.view(num_tokens, heads, group, head_size))
 
-    def _native_decode(self, step: GroupStep) -> bool:
-        """Whether the C++ decode op serves this step's retrieval heads.
+    def _native_attention(self, step: GroupStep) -> bool:
+        """Whether the C++ attention op serves this step's retrieval heads.
 
-        Steps of decode queries only (one per request), caches in the model's dtype and
-        vLLM's page layout of its ``vec``/``vec16`` kernels (transposed keys, then value
-        rows); AMX pages are packed differently and stay with vLLM's kernel, as do prefill
-        chunks, whose many queries per request vLLM's kernel tiles as matrix products.
+        Caches in the model's dtype in vLLM's page layout of its ``vec``/``vec16`` kernels
+        (transposed keys, then value rows); AMX pages are packed differently and fp8 pages
+        hold bytes, and both stay with vLLM's kernel, as does a model without streaming
+        heads.
         """
-        return (
-            self.native
-            and self.kv_format is None
-            and step.isa in _PAGE_LAYOUT_ISAS
-            and step.num_decodes == step.num_reqs
-        )
+        return self.native_retrieval and self.kv_format is None and step.isa in _PAGE_LAYOUT_ISAS
 
     def _streaming(
         self,

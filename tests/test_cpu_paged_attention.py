@@ -1,5 +1,6 @@
-"""The native CPU decode op of retrieval heads (csrc/cpu/paged_decode_cpu.*) against the
-dense fp32 reference on awkward shapes, on pages written by vLLM's own CPU cache write."""
+"""The native CPU attention op of retrieval heads (csrc/cpu/paged_attention_cpu.*), decode
+queries and prefill chunks, against the dense fp32 reference on awkward shapes, and on pages
+written by vLLM's own CPU cache write."""
 
 from __future__ import annotations
 
@@ -42,37 +43,46 @@ def _pages(keys, values, heads, layer_heads, block_size, seed, *, garbage=float(
     return cache, table
 
 
-def _case(seq_lens, layer_heads, heads, group, head_size, block_size, dtype, seed):
-    """(op output, fp32 reference) of the decode queries of ``heads`` of a layer."""
+def _case(seq_lens, layer_heads, heads, group, head_size, block_size, dtype, seed,
+          query_lens=None):  # fmt: skip
+    """(op output, fp32 reference) of the queries of ``heads`` of a layer: request r's
+    ``query_lens[r]`` (default 1: decode) queries at the last of its ``seq_lens[r]``
+    positions."""
     torch.manual_seed(seed)
     run = len(heads)
+    query_lens = query_lens or [1] * len(seq_lens)
     keys = [torch.randn(run, n, head_size) for n in seq_lens]
     values = [torch.randn(run, n, head_size) for n in seq_lens]
     layer_cache, table = _pages(keys, values, heads, layer_heads, block_size, seed)
-    cache = layer_cache.to(dtype)[:, heads]  # the run's strided view over the layer
+    cache = layer_cache.to(dtype)[:, heads]  # a copy where the heads are not equally spaced
     if len(heads) > 1 and heads == list(range(heads[0], heads[-1] + 1, heads[1] - heads[0])):
-        step = heads[1] - heads[0]
-        cache = layer_cache.to(dtype)[:, heads[0] :: step][:, :run]
-    # Two padding tokens past the requests: never written.
-    query = torch.randn(len(seq_lens) + 2, layer_heads, group, head_size).to(dtype)
+        cache = layer_cache.to(dtype)[:, heads[0] :: heads[1] - heads[0]][:, :run]  # a view
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    # Two padding tokens past the requests' queries: never written.
+    query = torch.randn(starts[-1] + 2, layer_heads, group, head_size).to(dtype)
     out = torch.full_like(query, float("nan"))
     scale = head_size**-0.5
-    cpu_ops.paged_decode_attention(
-        query, cache, torch.tensor(heads), table, torch.tensor(seq_lens, dtype=torch.int32),
-        scale=scale, out=out,
+    cpu_ops.paged_attention(
+        query, cache, torch.tensor(heads), table, torch.tensor(starts, dtype=torch.int32),
+        torch.tensor(seq_lens, dtype=torch.int32), scale=scale, out=out,
     )  # fmt: skip
-    expected = torch.empty(len(seq_lens), run, group, head_size)
-    for r, n in enumerate(seq_lens):
+    expected = torch.empty(starts[-1], run, group, head_size)
+    for r, (length, n) in enumerate(zip(seq_lens, query_lens, strict=True)):
         k = keys[r].to(dtype).float()
         v = values[r].to(dtype).float()
-        # The query at the last position; earlier rows of the reference are not compared.
-        q = torch.zeros(run * group, n, head_size)
-        q[:, -1] = query[r, heads].float().reshape(run * group, head_size)
+        # Queries at the last n positions; earlier rows of the reference are not compared.
+        q = torch.zeros(run * group, length, head_size)
+        rows = query[starts[r] : starts[r + 1], heads].float()  # [n, run, group, D]
+        q[:, length - n :] = rows.permute(1, 2, 0, 3).reshape(run * group, n, head_size)
         dense = duo_attention(q, k, v, [False] * run, sink=0, recent=1, scale=scale)
-        expected[r] = dense[:, -1].view(run, group, head_size)
+        expected[starts[r] : starts[r + 1]] = (
+            dense[:, length - n :].view(run, group, n, head_size).permute(2, 0, 1, 3)
+        )
     untouched = [h for h in range(layer_heads) if h not in heads]
-    assert out[:, untouched].isnan().all() and out[len(seq_lens) :].isnan().all()
-    return out[: len(seq_lens), heads].float(), expected
+    assert out[:, untouched].isnan().all() and out[starts[-1] :].isnan().all()
+    return out[: starts[-1], heads].float(), expected
 
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -95,10 +105,31 @@ def test_matches_the_fp32_reference(seq_lens, layer_heads, heads, group, head_si
     torch.testing.assert_close(out, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("seq_lens", "query_lens", "layer_heads", "heads", "group", "head_size", "block_size"),
+    [
+        # A mixed step: decodes, a whole prompt, a chunk after a cached prefix, on 7 query
+        # heads per KV head (row tiles of 4 + 3), odd lengths.
+        ([300, 1, 517, 2000], [1, 1, 517, 333], 3, [0, 2], 7, 64, 32),
+        # A prompt longer than a work item (128 rows = 32 positions x 4) and a key chunk.
+        ([700, 129], [700, 129], 2, [1], 4, 128, 128),
+        # MHA, block 16 (vLLM's vec16), head size 80.
+        ([95, 40], [50, 40], 4, [0, 1, 2, 3], 1, 80, 16),
+    ],
+)
+def test_prefill_chunks_match_the_fp32_reference(seq_lens, query_lens, layer_heads, heads,
+                                                 group, head_size, block_size, dtype):  # fmt: skip
+    out, expected = _case(seq_lens, layer_heads, heads, group, head_size, block_size, dtype, 3,
+                          query_lens)  # fmt: skip
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_split_context_is_independent_of_the_thread_count(threads):
-    """The parts a context is cut into depend on the threads; the result must not (beyond
-    fp32 rounding of the combine)."""
+    """The parts a decode context is cut into depend on the threads; the result must not
+    (beyond fp32 rounding of the combine)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -129,9 +160,9 @@ def test_reads_the_pages_vllm_writes(isa, block_size, head_size):
     query = torch.randn(1, heads, group, head_size).bfloat16()
     out = torch.empty_like(query)
     scale = head_size**-0.5
-    cpu_ops.paged_decode_attention(
-        query, cache, torch.arange(heads), table, torch.tensor([length], dtype=torch.int32),
-        scale=scale, out=out,
+    cpu_ops.paged_attention(
+        query, cache, torch.arange(heads), table, torch.tensor([0, 1], dtype=torch.int32),
+        torch.tensor([length], dtype=torch.int32), scale=scale, out=out,
     )  # fmt: skip
     q = torch.zeros(heads * group, length, head_size)
     q[:, -1] = query[0].float().reshape(heads * group, head_size)
@@ -149,6 +180,7 @@ def _args(**change):
         "cache": cache,
         "heads": torch.tensor([0, 1]),
         "block_table": torch.tensor([[1, 2], [3, 0]], dtype=torch.int32),
+        "query_start_loc": torch.tensor([0, 1, 2], dtype=torch.int32),
         "seq_lens": torch.tensor([20, 16], dtype=torch.int32),
     }
     args.update(change)
@@ -162,18 +194,19 @@ def _args(**change):
         ({"block_table": torch.tensor([[1, 9], [3, 0]], dtype=torch.int32)},
          r"block_table\[0, 1\] = 9 is outside the cache \(0..3\)"),
         ({"seq_lens": torch.tensor([20, 0], dtype=torch.int32)},
-         r"seq_lens\[1\] = 0 must be in 1..32"),
+         r"request 1 has 1 queries but seq_lens\[1\] = 0"),
         ({"seq_lens": torch.tensor([40, 1], dtype=torch.int32)},
-         r"seq_lens\[0\] = 40 must be in 1..32"),
+         r"seq_lens\[0\] = 40 must be at most 32"),
+        ({"query_start_loc": torch.tensor([0, 2, 5], dtype=torch.int32)},
+         r"query_start_loc must start at 0 and end at most at num_tokens=2"),
         ({"cache": torch.randn(4, 2, 16, 64)},
          r"cache dtype Float must match the query's BFloat16"),
         ({"heads": torch.tensor([0, 2])}, r"heads\[1\] = 2 is not a KV head of the layer \(0..1\)"),
         ({"query": torch.randn(2, 2, 3, 24).bfloat16(), "cache": torch.randn(4, 2, 16, 48)
           .bfloat16()}, r"head_size 24 must be a multiple of 16"),
-        ({"query": torch.randn(1, 2, 3, 32).bfloat16()}, r"query has 1 tokens for 2 requests"),
     ],
 )  # fmt: skip
 def test_bad_arguments_get_one_clear_error(change, message):
     args, out = _args(**change)
     with pytest.raises(RuntimeError, match=message):
-        cpu_ops.paged_decode_attention(**args, scale=0.1, out=out)
+        cpu_ops.paged_attention(**args, scale=0.1, out=out)
