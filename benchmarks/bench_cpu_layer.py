@@ -4,15 +4,16 @@
         [--phase decode|prefill|both] [--retrieval 4] [--threads N] [--repeats 20]
         [--kv-cache-dtype auto|fp8|fp8_e4m3|fp8_e5m2] [--stock-retrieval]
 
-What one layer's attention costs per step, without the rest of the model or the engine:
-stock = vLLM's ``cpu_attn_reshape_and_cache`` + ``cpu_attention_with_kv_cache`` over all KV
-heads of the layer; DUO = the CPU family's ``forward_run`` over the layer's runs (retrieval
-heads through the C++ paged attention op, or vLLM's kernel with ``--stock-retrieval``, on a
-strided view; streaming heads through the C++ op or the torch path). ``--retrieval 8`` (every
-head retrieval) compares the two retrieval kernels alone. Llama-3-8B attention shape (32
-query / 8 KV heads, head size 128), bf16, one request. Each timing is the minimum over ``--repeats`` runs, so a busy machine inflates it
-less than a mean would. ``vllm-duo bench`` measures whole engines; this isolates the layer.
-``--kv-cache-dtype`` gives both sides the same KV cache dtype (fp8: one byte per element).
+What one layer's attention costs per step, without the rest of the model or the engine: stock =
+vLLM's ``cpu_attn_reshape_and_cache`` + ``cpu_attention_with_kv_cache`` over all KV heads of the
+layer; DUO = the CPU family's ``forward_run`` over the layer's runs (retrieval heads through the
+C++ paged attention op, or vLLM's kernel with ``--stock-retrieval``, on a strided view;
+streaming heads through the C++ op or the torch path). ``--retrieval 8`` (every head retrieval)
+compares the two retrieval kernels alone. Llama-3-8B attention shape (32 query / 8 KV heads,
+head size 128), bf16, one request. Each timing is the minimum over ``--repeats`` runs, so a busy
+machine inflates it less than a mean would. ``vllm-duo bench`` measures whole engines; this
+isolates the layer. ``--kv-cache-dtype`` gives both sides the same KV cache dtype (fp8: one byte
+per element).
 """
 
 from __future__ import annotations
