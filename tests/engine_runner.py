@@ -170,9 +170,9 @@ class _KernelCounter:
     """Counts, per DUO layer forward, the kernel calls of the CPU family (in-process engine).
 
     Each forward records the layer's retrieval and streaming head counts and how many
-    times each kernel ran: vLLM's CPU attention or the native decode op, and vLLM's cache
-    write for retrieval heads; the sink+window attention (native op or torch path) and the
-    native cache write for streaming heads.
+    times each kernel ran: vLLM's CPU attention or the native paged attention op, and
+    vLLM's cache write for retrieval heads; the sink+window attention (native op or torch
+    path) and the native cache write for streaming heads.
     """
 
     KERNELS = {

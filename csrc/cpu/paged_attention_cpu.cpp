@@ -37,8 +37,7 @@ void paged_attention(const at::Tensor& query, const at::Tensor& cache, const at:
               ": out must have the query's shape ", query.sizes(), " and dtype ",
               query.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type());
   const int64_t layer_heads = query.size(1), group = query.size(2), head_size = query.size(3);
-  TORCH_CHECK(head_size % 16 == 0, op, ": head_size ", head_size,
-              " must be a multiple of 16 (as every head size vLLM's CPU backend serves)");
+  duo_cpu::check_head_size(op, head_size);
   duo_cpu::check_rows(op, "cache", cache, 4);
   TORCH_CHECK(cache.scalar_type() == query.scalar_type(), op, ": cache dtype ",
               cache.scalar_type(), " must match the query's ", query.scalar_type());
@@ -108,7 +107,8 @@ void paged_attention(const at::Tensor& query, const at::Tensor& cache, const at:
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t x, int64_t y) { return cost(x) > cost(y); });
   std::atomic<int64_t> next{0};
-  const int64_t rows = std::max<int64_t>(duo_cpu::kItemRows, group) + group;
+  // An item holds positions x G rows: up to kItemRows, or G when one position exceeds it.
+  const int64_t rows = std::max<int64_t>(duo_cpu::kItemRows, group);
 
   duo_cpu::dispatch_float(op, query.scalar_type(), [&](auto tag, auto to_float, auto from_float) {
     using T = decltype(tag);

@@ -60,12 +60,11 @@ struct WorkItem {
   int64_t req, run_head, token0, pos0, positions, begin, end, slot;
 };
 
-// Key vectors (of kLanes keys) scored per pass and value vectors accumulated per pass: the
-// accumulators of NR rows stay in the 16 (AVX2) or 32 (AVX-512) vector registers.
-template <int NR>
-constexpr int kKeyVecs = NR <= 4 ? 2 : 1;
-template <int NR>
-constexpr int kValueVecs = NR <= 4 ? 2 : 1;
+// Key vectors (of kLanes keys) scored per pass and value vectors accumulated per pass: with
+// at most kTileRows rows, 2 x kTileRows accumulators stay in the 16 (AVX2) or 32 (AVX-512)
+// vector registers.
+constexpr int kKeyVecs = 2;
+constexpr int kValueVecs = 2;
 
 // Where an item's chunk of keys lives: its transposed keys and value rows, and the keys
 // after it (later in this page or the next block's page; nullptr at the item's end).
@@ -89,7 +88,7 @@ struct KeyChunk {
 template <int NR, typename T, typename Load>
 inline void score_tile(const float* q, int64_t D, int64_t BS, const KeyChunk<T>& chunk,
                        bool prefetch, const Load& load, float* scores) {
-  constexpr int KV = kKeyVecs<NR>;
+  constexpr int KV = kKeyVecs;
   constexpr int64_t kLine = 64;
   const int64_t key_vecs = (chunk.count + kLanes - 1) / kLanes;
   const int64_t row_lines = (D * static_cast<int64_t>(sizeof(T)) + kLine - 1) / kLine;
@@ -154,7 +153,7 @@ struct Tile {
   }
   static void values(const KeyChunk<T>& chunk, const float* probabilities, int64_t D,
                      const Load& load, float* acc) {
-    constexpr int VV = kValueVecs<NR>;
+    constexpr int VV = kValueVecs;
     if (D % (VV * kLanes) == 0) {
       accumulate_values<NR, VV>(chunk.values, probabilities, chunk.count, D, load, acc);
     } else {

@@ -29,6 +29,7 @@
 
 namespace {
 
+using duo_cpu::check_head_size;
 using duo_cpu::check_heads;
 using duo_cpu::check_index;
 using duo_cpu::check_rows;
@@ -86,8 +87,7 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& key_cache,
               ": out must have the query's shape ", query.sizes(), " and dtype ",
               query.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type());
   check_rows(op, "out", out, 4);
-  TORCH_CHECK(head_size % 16 == 0, op, ": head_size ", head_size,
-              " must be a multiple of 16 (as every head size vLLM's CPU backend serves)");
+  check_head_size(op, head_size);
   check_cache(op, "key_cache", key_cache, query, run_heads, head_size, fp8 != nullptr);
   check_cache(op, "value_cache", value_cache, query, run_heads, head_size, fp8 != nullptr);
   TORCH_CHECK(value_cache.size(0) == key_cache.size(0) && value_cache.size(1) == key_cache.size(1),

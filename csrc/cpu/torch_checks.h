@@ -35,6 +35,12 @@ inline void check_heads(const char* op, const at::Tensor& heads, int64_t run_hea
                 " is not a KV head of the layer (0..", layer_heads - 1, ")");
 }
 
+// The ops' loops step through rows a vector (16 fp32 lanes with AVX-512) at a time.
+inline void check_head_size(const char* op, int64_t head_size) {
+  TORCH_CHECK(head_size % 16 == 0, op, ": head_size ", head_size,
+              " must be a multiple of 16 (as every head size vLLM's CPU backend serves)");
+}
+
 // Calls fn(tag, to_float, from_float) for the tensor dtype: float32, bfloat16 or float16.
 template <typename Fn>
 inline void dispatch_float(const char* op, at::ScalarType type, Fn&& fn) {

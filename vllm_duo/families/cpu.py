@@ -83,8 +83,11 @@ class CpuKernels:
             _check_cpu_fp8(kv_cache_dtype, dtype, head_size)
         self.native = cpu_ops.is_available()
         # Without streaming heads (sparsity 0) DUO must give the stock backend's outputs
-        # (DESIGN.md section 3): the same kernel gives them bit for bit.
-        self.native_retrieval = self.native and not stock_retrieval_kernel
+        # (DESIGN.md section 3): the same kernel gives them bit for bit. fp8 pages hold bytes
+        # the C++ op does not read.
+        self.native_retrieval = (
+            self.native and not stock_retrieval_kernel and self.kv_format is None
+        )
         if require_native and not self.native:
             raise DuoConfigError(
                 f"{ENV_KERNELS}=native needs the CPU extension, but {cpu_ops.load_error()}; "
@@ -102,10 +105,14 @@ class CpuKernels:
             if self.native
             else f"torch sink+window attention (the C++ op is unavailable: {cpu_ops.load_error()})"
         )
-        decode = "the vllm-duo C++ decode op on decode steps, else " if self.native else ""
+        retrieval = (
+            "the vllm-duo C++ paged attention op (vLLM's CPU kernel on AMX pages)"
+            if self.native_retrieval
+            else "vLLM's CPU paged-attention kernel"
+        )
         return (
-            f"retrieval heads: {decode}vLLM's CPU paged-attention kernel, one call per layer "
-            f"and cache group; streaming heads: {streaming}, one call per layer and cache group"
+            f"retrieval heads: {retrieval}, one call per layer and cache group; streaming "
+            f"heads: {streaming}, one call per layer and cache group"
         )
 
     def forward_run(
@@ -191,7 +198,7 @@ class CpuKernels:
         hold bytes, and both stay with vLLM's kernel, as does a model without streaming
         heads.
         """
-        return self.native_retrieval and self.kv_format is None and step.isa in _PAGE_LAYOUT_ISAS
+        return self.native_retrieval and step.isa in _PAGE_LAYOUT_ISAS
 
     def _streaming(
         self,
