@@ -108,7 +108,7 @@ def write_json(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
 
 
 def plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> None:
-    """Ratio against context length per metric, measured (dots) and ideal (dashed)."""
+    """Ratio against context length per metric, measured (dots) and ideal (crosses, dashed)."""
     try:
         import matplotlib
 
@@ -122,7 +122,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> None:
     figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), sharex=True)
     for axis, (key, label, _, _) in zip(axes, METRICS):
         axis.plot(contexts, [row[key]["ratio"] for row in rows], "o-", label="measured")
-        axis.plot(contexts, [row[key]["ideal"] for row in rows], "k--", label="ideal")
+        axis.plot(contexts, [row[key]["ideal"] for row in rows], "kx--", label="ideal")
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.set_xscale("log", base=2)
         axis.set_xticks(contexts, [f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts])

@@ -133,10 +133,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         kv = f", KV cache DUO {config.kv_cache_dtype} / stock {config.stock_kv_cache_dtype}"
     if config.rounds > 1:
         kv += f", median of {config.rounds} rounds"
+    width = f", hidden {shape['hidden_size']}, MLP {shape['intermediate_size']}"
     title = (
         f"DUO vs stock, {shape['num_layers']} layers x {shape['num_heads']}q/"
-        f"{shape['num_kv_heads']}kv heads (d={shape['head_dim']}), sparsity {config.sparsity}, "
-        f"S={config.sink}, W={config.recent}, {config.dtype}{kv}; "
+        f"{shape['num_kv_heads']}kv heads (d={shape['head_dim']}){width}, "
+        f"sparsity {config.sparsity}, S={config.sink}, W={config.recent}, {config.dtype}{kv}; "
         f"{meta['gpu'] or meta['machine']}, {meta['date']}"
     )
     out(title)
